@@ -1,0 +1,26 @@
+"""powersmc: sample whole answers from the power distribution pi_alpha(y|x) ~ p(y|x)^alpha.
+
+Power-SMC (Azizi et al.) and the baselines it is compared with, over any causal LM.
+"""
+
+from powersmc.backends.function_lm import FunctionLM
+from powersmc.backends.protocol import LanguageModel
+from powersmc.errors import InputError
+from powersmc.methods.smc import smc_sample
+from powersmc.models import load_model
+from powersmc.proposals import TemperatureProposal, TruncatedTargetWarning
+from powersmc.results import Particle, SampleResult, SMCResult
+
+__all__ = [
+    "FunctionLM",
+    "InputError",
+    "LanguageModel",
+    "Particle",
+    "SMCResult",
+    "SampleResult",
+    "TemperatureProposal",
+    "TruncatedTargetWarning",
+    "load_model",
+    "smc_sample",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from powersmc.cli import main
+
+sys.exit(main())

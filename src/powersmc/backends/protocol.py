@@ -1,0 +1,52 @@
+"""The one protocol every sampler is written against: prefill / step / reorder (+ fork).
+
+A backend owns model state for a batch of rows that all share one prompt. Rows are anonymous:
+the samplers keep their own mapping from particles to rows, so finished particles can leave the
+batch (`reorder` with fewer rows) and resampled ones can be duplicated (`reorder` with repeats).
+All returned log-probabilities are float32 tensors of shape [rows, vocab_size], normalized over
+the full vocabulary, on `device`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+Prompt = str | Sequence[int]
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """A causal LM seen as: next-token log-probabilities given a prefix, with batched state."""
+
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    device: torch.device
+    max_context: int | None
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Prompt ids: text goes through the tokenizer (and chat template); ids pass through."""
+        ...
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of generated ids (EOS ids dropped). Called once per result, never per step."""
+        ...
+
+    def prefill(self, prompt_ids: Sequence[int], rows: int) -> tuple[Any, torch.Tensor]:
+        """Process the prompt once and share it across `rows` rows; return (state, logprobs)."""
+        ...
+
+    def step(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (int64 [rows]); return next-token logprobs [rows, V]."""
+        ...
+
+    def reorder(self, state: Any, index: torch.Tensor) -> None:
+        """Make row k a copy of old row index[k]; len(index) may differ from the row count."""
+        ...
+
+    def fork(self, state: Any, keep: int | None = None) -> Any:
+        """An independent copy of `state`, keeping the prompt and the first `keep` generated
+        tokens of every row (all of them if None). Used by MH to reuse a kept prefix's cache."""
+        ...

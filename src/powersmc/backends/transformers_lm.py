@@ -1,0 +1,124 @@
+"""Transformers backend: any causal LM that `transformers` loads (hub id, local dir, GGUF file).
+
+One prefill of the prompt at batch 1, expanded to all rows (App. C: the prompt is shared);
+one cached forward per decode step over the rows still alive; resampling reindexes the cache
+through `kvcache.reorder_cache`. All rows always hold the same number of tokens (finished
+particles leave the batch instead of being padded), so no attention mask is needed and
+position ids are a single scalar per step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from powersmc.backends.kvcache import reorder_cache
+from powersmc.errors import InputError
+
+# Tokens that end a turn or a document in common chat models; added to the EOS set when present.
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+@dataclass
+class HFState:
+    """A KV cache for `rows` rows that each hold `length` tokens (prompt included)."""
+
+    cache: Any
+    length: int
+    prompt_len: int
+    rows: int
+
+
+class TransformersLM:
+    """`LanguageModel` over a `transformers` causal LM and its tokenizer."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        chat: bool | None = None,
+        system_prompt: str | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+        if self.chat and not getattr(tokenizer, "chat_template", None):
+            raise InputError("chat", "False for a tokenizer without a chat template", chat)
+        self.system_prompt = system_prompt
+        self.eos_token_ids = (
+            tuple(eos_token_ids) if eos_token_ids is not None else self._default_eos()
+        )
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        self.max_context = int(ctx) if ctx else None
+
+    def _default_eos(self) -> tuple[int, ...]:
+        ids: set[int] = set()
+        gen = getattr(self.model, "generation_config", None)
+        for src in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(int(i) for i in src)
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in _END_TOKENS if t in vocab)
+        return tuple(sorted(i for i in ids if i < self.vocab_size))
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return [int(i) for i in prompt]
+        if not self.chat:
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        messages = [{"role": "user", "content": prompt}]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        ids = [int(i) for i in token_ids if int(i) not in self.eos_token_ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _forward(self, ids: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
+        pos = torch.arange(start, start + ids.shape[1], device=self.device).expand(ids.shape[0], -1)
+        out = self.model(
+            input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1
+        )
+        return torch.log_softmax(out.logits[:, -1, : self.vocab_size].float(), dim=-1)
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: Sequence[int], rows: int) -> tuple[HFState, torch.Tensor]:
+        from transformers import DynamicCache
+
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        logp = self._forward(ids, cache, 0)
+        if rows != 1:
+            cache.batch_repeat_interleave(rows)
+        return HFState(cache, ids.shape[1], ids.shape[1], rows), logp.expand(rows, -1).clone()
+
+    @torch.inference_mode()
+    def step(self, state: HFState, tokens: torch.Tensor) -> torch.Tensor:
+        logp = self._forward(tokens.view(-1, 1).to(self.device), state.cache, state.length)
+        state.length += 1
+        return logp
+
+    @torch.inference_mode()
+    def reorder(self, state: HFState, index: torch.Tensor) -> None:
+        state.cache = reorder_cache(self.model, state.cache, index.to(self.device))
+        state.rows = index.numel()
+
+    @torch.inference_mode()
+    def fork(self, state: HFState, keep: int | None = None) -> HFState:
+        cache = copy.deepcopy(state.cache)
+        length = state.length if keep is None else state.prompt_len + keep
+        if length < state.length:
+            cache.crop(length - state.length)
+        return HFState(cache, length, state.prompt_len, state.rows)

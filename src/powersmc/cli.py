@@ -1,0 +1,125 @@
+"""Command line: `powersmc sample | eval | report | bench`.
+
+Bad input exits with code 2 and one line on stderr naming the argument, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from powersmc.errors import InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="model dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    g.add_argument("--raw", action="store_true", help="raw text prompts, no chat template")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--alpha", type=float, default=4.0, help="power exponent (>= 1)")
+    g.add_argument("--particles", type=int, default=16, help="SMC particles N")
+    g.add_argument("--ess-threshold", type=float, default=0.5, help="resample when ESS < k*N")
+    g.add_argument("--resampler", default="systematic",
+                   help="systematic, multinomial, stratified or residual")
+    g.add_argument("--ramp-tokens", type=int, default=0, help="linear alpha-ramp length (0: off)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="powersmc", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("sample", help="sample one answer for a prompt")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-file")
+    _model_args(s)
+    _sampling_args(s)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--json", action="store_true", help="print the result object as JSON")
+    s.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from powersmc.models import load_model
+
+    return load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype,
+                      chat=False if args.raw else None)
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    try:
+        with open(args.prompt_file, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise InputError("--prompt-file", "a readable text file", args.prompt_file) from exc
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """Validate cheap arguments before the (slow) model load."""
+    from powersmc.methods import common
+    from powersmc.resampling import get_resampler
+
+    common.check_alpha(args.alpha)
+    common.check_positive_int("particles", args.particles)
+    common.check_ess_threshold(args.ess_threshold)
+    common.check_nonnegative_int("ramp_tokens", args.ramp_tokens)
+    common.check_positive_int("max_new_tokens", args.max_new_tokens)
+    get_resampler(args.resampler)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from powersmc.methods.smc import smc_sample
+
+    prompt = _read_prompt(args)
+    if not prompt.strip():
+        raise InputError("prompt", "a non-empty prompt", prompt)
+    _check_sampling(args)
+    lm = _load(args)
+    result = smc_sample(
+        lm, prompt, alpha=args.alpha, particles=args.particles, ess_threshold=args.ess_threshold,
+        resampler=args.resampler, ramp_tokens=args.ramp_tokens,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress,
+    )
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(result.text)
+    return 0
+
+
+COMMANDS = {"sample": cmd_sample}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as exc:
+        print(f"powersmc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Errors raised for bad user input.
+
+Every message names the offending argument and what is allowed, so the CLI can print it
+as one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """A user-supplied argument is invalid; the message names it and what is allowed."""
+
+    def __init__(self, argument: str, allowed: str, got: object = None) -> None:
+        self.argument = argument
+        msg = f"{argument}: {allowed}"
+        if got is not None:
+            msg += f" (got {got!r})"
+        super().__init__(msg)
+
+
+class DegenerateWeightsError(RuntimeError):
+    """Every particle has weight zero (log-weight -inf): there is nothing to resample from."""

@@ -1,0 +1,80 @@
+"""The Transformers backend on the real default model (SmolLM2-135M-Instruct GGUF).
+
+Resampling reindexes the KV cache; after it, next-token logits must equal those recomputed
+from scratch for the new prefixes (App. C). Likewise for rows that leave the batch (App. D)
+and for MH's forks of a kept prefix.
+"""
+
+import pytest
+import torch
+
+from powersmc import smc_sample
+
+pytestmark = pytest.mark.model
+ATOL = 2e-4  # float32 cached vs uncached attention on CPU
+
+
+def _from_scratch(lm, prefixes):
+    with torch.inference_mode():
+        out = []
+        for ids in prefixes:
+            logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            out.append(torch.log_softmax(logits, -1))
+        return torch.stack(out)
+
+
+def _grow(lm, prompt, steps, rows, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    state, logp = lm.prefill(prompt, rows)
+    seqs = [list(prompt) for _ in range(rows)]
+    for _ in range(steps):
+        tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
+        for s, t in zip(seqs, tok.tolist(), strict=True):
+            s.append(t)
+        logp = lm.step(state, tok)
+    return state, seqs, logp
+
+
+def test_cached_logits_match_recompute(default_lm):
+    prompt = default_lm.encode_prompt("Name a prime number.")
+    _, seqs, logp = _grow(default_lm, prompt, 5, 3)
+    assert torch.allclose(logp, _from_scratch(default_lm, seqs), atol=ATOL)
+
+
+@pytest.mark.parametrize("index", [[2, 2, 0, 3], [3, 1], [1, 0, 3, 2], [0, 0, 0, 0, 0, 0]])
+def test_reorder_then_step_matches_recompute(default_lm, index):
+    lm = default_lm
+    prompt = lm.encode_prompt("Count to five.")
+    state, seqs, _ = _grow(lm, prompt, 4, 4, seed=1)
+    lm.reorder(state, torch.tensor(index))
+    seqs = [list(seqs[i]) for i in index]
+    nxt = torch.arange(len(index)) + 100
+    for s, t in zip(seqs, nxt.tolist(), strict=True):
+        s.append(t)
+    logp = lm.step(state, nxt)
+    assert torch.allclose(logp, _from_scratch(lm, seqs), atol=ATOL)
+
+
+def test_fork_keeps_prefix_and_leaves_original(default_lm):
+    lm = default_lm
+    prompt = lm.encode_prompt("Say hello.")
+    state, seqs, logp_orig = _grow(lm, prompt, 5, 1, seed=2)
+    fork = lm.fork(state, keep=2)
+    branch = seqs[0][: len(prompt) + 2] + [42]
+    assert torch.allclose(lm.step(fork, torch.tensor([42])), _from_scratch(lm, [branch]), atol=ATOL)
+    # the original state is untouched by the fork's step
+    cont = seqs[0] + [7]
+    assert torch.allclose(lm.step(state, torch.tensor([7])), _from_scratch(lm, [cont]), atol=ATOL)
+
+
+def test_smc_on_default_model(default_lm):
+    kw = dict(alpha=4.0, particles=6, max_new_tokens=24, seed=3, ess_threshold=0.9)
+    r1 = smc_sample(default_lm, "What is 2 + 3?", **kw)
+    r2 = smc_sample(default_lm, "What is 2 + 3?", **kw)
+    assert r1.token_ids == r2.token_ids and r1.log_z == r2.log_z and r1.ess == r2.ess
+    assert r1.text and len(r1.particles) == 6 and len(r1.ess) >= 1
+    assert all(1.0 - 1e-9 <= e <= 6 + 1e-9 for e in r1.ess)
+    assert r1.cost.token_evals <= 6 * 23 and r1.cost.prefill_tokens > 0
+    for p in r1.particles:
+        assert p.finished == (p.token_ids[-1] in default_lm.eos_token_ids)
+        assert len(p.token_ids) <= 24
