@@ -6,7 +6,10 @@ Power-SMC (Azizi et al.) and the baselines it is compared with, over any causal 
 from powersmc.backends.function_lm import FunctionLM
 from powersmc.backends.protocol import LanguageModel
 from powersmc.errors import InputError
+from powersmc.methods.decoding import sample
+from powersmc.methods.mh import mh_sample
 from powersmc.methods.smc import smc_sample
+from powersmc.methods.spower import scalable_power_sample
 from powersmc.models import load_model
 from powersmc.proposals import TemperatureProposal, TruncatedTargetWarning
 from powersmc.results import Particle, SampleResult, SMCResult
@@ -21,6 +24,9 @@ __all__ = [
     "TemperatureProposal",
     "TruncatedTargetWarning",
     "load_model",
+    "mh_sample",
+    "sample",
+    "scalable_power_sample",
     "smc_sample",
 ]
 __version__ = "0.1.0"

@@ -37,6 +37,21 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="systematic, multinomial, stratified or residual")
     g.add_argument("--ramp-tokens", type=int, default=0, help="linear alpha-ramp length (0: off)")
     g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--mh-blocks", type=int, default=16, help="MH: number of blocks K")
+    g.add_argument("--mh-moves", type=int, default=10, help="MH: moves per block M")
+    g.add_argument("--spower-top-k", type=int, default=8, help="Ji et al.: candidates K")
+    g.add_argument("--rollouts", type=int, default=8, help="Ji et al.: rollouts M per candidate")
+    g.add_argument("--horizon", type=int, default=192, help="Ji et al.: rollout length")
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """Method-specific settings from the CLI, in the samplers' own argument names."""
+    return {
+        "particles": args.particles, "ess_threshold": args.ess_threshold,
+        "resampler": args.resampler, "ramp_tokens": args.ramp_tokens,
+        "num_blocks": args.mh_blocks, "mh_moves": args.mh_moves, "top_k": args.spower_top_k,
+        "rollouts": args.rollouts, "horizon": args.horizon,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file")
     _model_args(s)
     _sampling_args(s)
+    s.add_argument("--method", default="smc",
+                   help="smc, mh, mh-faithful, spower, lowtemp, plain or greedy")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--json", action="store_true", help="print the result object as JSON")
     s.add_argument("--no-progress", action="store_true")
@@ -75,6 +92,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def _check_sampling(args: argparse.Namespace) -> None:
     """Validate cheap arguments before the (slow) model load."""
     from powersmc.methods import common
+    from powersmc.methods.registry import check_method
     from powersmc.resampling import get_resampler
 
     common.check_alpha(args.alpha)
@@ -83,21 +101,20 @@ def _check_sampling(args: argparse.Namespace) -> None:
     common.check_nonnegative_int("ramp_tokens", args.ramp_tokens)
     common.check_positive_int("max_new_tokens", args.max_new_tokens)
     get_resampler(args.resampler)
+    check_method(args.method)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from powersmc.methods.smc import smc_sample
+    from powersmc.methods.registry import run_method
 
     prompt = _read_prompt(args)
     if not prompt.strip():
         raise InputError("prompt", "a non-empty prompt", prompt)
     _check_sampling(args)
     lm = _load(args)
-    result = smc_sample(
-        lm, prompt, alpha=args.alpha, particles=args.particles, ess_threshold=args.ess_threshold,
-        resampler=args.resampler, ramp_tokens=args.ramp_tokens,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress,
-    )
+    opts = method_options(args) | {"progress": not args.no_progress}
+    result = run_method(args.method, lm, prompt, alpha=args.alpha,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed, **opts)
     if args.json:
         json.dump(result.to_dict(), sys.stdout)
         sys.stdout.write("\n")

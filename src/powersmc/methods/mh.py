@@ -1,0 +1,138 @@
+"""MH power sampling (Karan & Du 2025, "Reasoning with Sampling", arXiv 2510.14901).
+
+The answer grows in K blocks of B tokens; after each block, M Metropolis-Hastings moves each
+pick an edit index j, regenerate the suffix y_{j:} from the proposal q (temperature 1/alpha),
+and accept with the ratio  [p(y')^alpha q(y_{j:} | y_{<j})] / [p(y)^alpha q(y'_{j:} | y_{<j})]
+over the regenerated parts. Two modes:
+
+* ``exact`` (default): a correct MH kernel for pi_alpha truncated at the block's length cap.
+  Proposal over the full vocabulary; the whole suffix is regenerated up to the cap (or EOS);
+  full-suffix sums of log p and log q; and the index-probability correction L/L' (the edit
+  index is uniform over the current length L forward and over L' in reverse). The chain keeps
+  moving after an EOS, so its stationary distribution is pi_alpha over sequences of length
+  <= max_new_tokens (truncated ones included, as in `smc_sample`).
+* ``faithful``: the published procedure and settings, for comparison with their numbers:
+  top-k 50 inside the proposal (HF's default in their `generate` call), suffix regenerated
+  only up to the current length, the current suffix compared only up to the proposal's length
+  when the proposal ends early, no index correction, early return after a block that ends in
+  EOS. Its chain is not exactly pi_alpha-invariant; tests/test_mh.py measures the bias.
+
+Unlike the published code, the prompt is prefilled once: every move forks the KV cache of the
+kept prefix (`model.fork`) instead of re-running the prompt, and the generator is seeded.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from powersmc.backends.protocol import LanguageModel, Prompt
+from powersmc.errors import InputError
+from powersmc.methods.common import (
+    check_alpha,
+    check_nonnegative_int,
+    check_positive_int,
+    encode_prompt,
+    make_generator,
+)
+from powersmc.methods.rollout import rollout, temperature_rule
+from powersmc.results import Cost, SampleResult
+
+MODES = ("exact", "faithful")
+FAITHFUL_TOP_K = 50
+
+
+class _Chain:
+    """The current state: tokens with per-token log p / log q, and a cache of all but the last."""
+
+    def __init__(self, state, tokens, lp, lq, finished):
+        self.state, self.tokens, self.lp, self.lq, self.finished = state, tokens, lp, lq, finished
+
+    @classmethod
+    def from_rollout(cls, prefix: _Chain | None, j: int, ro) -> _Chain:
+        n = int(ro.lengths[0])
+        head = ([], [], []) if prefix is None else (
+            prefix.tokens[:j], prefix.lp[:j], prefix.lq[:j])
+        return cls(ro.state, head[0] + ro.tokens[0, :n].tolist(), head[1] + ro.logp[0, :n].tolist(),
+                   head[2] + ro.logq[0, :n].tolist(), bool(ro.finished[0]))
+
+
+def mh_sample(
+    model: LanguageModel,
+    prompt: Prompt,
+    *,
+    alpha: float = 4.0,
+    max_new_tokens: int = 3072,
+    num_blocks: int = 16,
+    mh_moves: int = 10,
+    mode: str = "exact",
+    seed: int | None = None,
+) -> SampleResult:
+    """Block-wise MH for pi_alpha. Defaults are the published settings: alpha = 4, 3072 tokens,
+    16 blocks (B = 192), 10 moves per block."""
+    alpha = check_alpha(alpha)
+    check_positive_int("num_blocks", num_blocks)
+    check_nonnegative_int("mh_moves", mh_moves)
+    if mode not in MODES:
+        raise InputError("mode", f"one of {', '.join(MODES)}", mode)
+    ids = encode_prompt(model, prompt, max_new_tokens)
+    gen, seed = make_generator(seed, model.device)
+    faithful = mode == "faithful"
+    rule = temperature_rule(1.0 / alpha, top_k=FAITHFUL_TOP_K if faithful else None)
+    block = math.ceil(max_new_tokens / num_blocks)
+    cost = Cost()
+    start = time.perf_counter()
+    prompt_state, prompt_logp = model.prefill(ids, 1)
+    cost.add_prefill(len(ids))
+    chain: _Chain | None = None
+    proposed = accepted = 0
+
+    def regenerate(j: int, cap: int) -> tuple[_Chain, int]:
+        """Fork the kept prefix y_{<j} and sample a new suffix of at most cap - j tokens."""
+        if j == 0:
+            state, logp = model.fork(prompt_state), prompt_logp
+        else:
+            state = model.fork(chain.state, keep=j - 1)
+            logp = model.step(state, torch.tensor([chain.tokens[j - 1]], device=model.device))
+            cost.add_step(1)
+        ro = rollout(model, state, logp, cap - j, rule, gen, cost)
+        return _Chain.from_rollout(chain, j, ro), j
+
+    for k in range(1, num_blocks + 1):
+        cap = min(k * block, max_new_tokens)
+        if chain is None:
+            chain, _ = regenerate(0, cap)
+        elif not chain.finished and len(chain.tokens) < cap:  # extend by one block
+            logp = model.step(chain.state, torch.tensor([chain.tokens[-1]], device=model.device))
+            cost.add_step(1)
+            ro = rollout(model, chain.state, logp, cap - len(chain.tokens), rule, gen, cost)
+            chain = _Chain.from_rollout(chain, len(chain.tokens), ro)
+        for _ in range(mh_moves):
+            L = len(chain.tokens)
+            j = int(torch.randint(L, (1,), generator=gen, device=model.device))
+            new, _ = regenerate(j, L if faithful else cap)
+            L2 = len(new.tokens)
+            if faithful:  # compare the current suffix only up to the proposal's length
+                cur = slice(j, L2)
+                log_r = (alpha * sum(new.lp[j:]) + sum(chain.lq[cur])
+                         - alpha * sum(chain.lp[cur]) - sum(new.lq[j:]))
+            else:
+                log_r = (alpha * (sum(new.lp[j:]) - sum(chain.lp[j:]))
+                         + sum(chain.lq[j:]) - sum(new.lq[j:]) + math.log(L) - math.log(L2))
+            u = float(torch.rand((), generator=gen, device=model.device, dtype=torch.float64))
+            proposed += 1
+            if math.log(u) < log_r:
+                chain, accepted = new, accepted + 1
+        if faithful and chain.finished:
+            break
+    cost.seconds = time.perf_counter() - start
+    return SampleResult(
+        method=f"mh-{mode}", text=model.decode(chain.tokens), token_ids=chain.tokens, seed=seed,
+        cost=cost, finished=chain.finished,
+        stats={"mode": mode, "proposed": proposed, "accepted": accepted,
+               "acceptance_rate": accepted / proposed if proposed else float("nan"),
+               "block_size": block, "num_blocks": num_blocks, "mh_moves": mh_moves,
+               "log_p": sum(chain.lp)},
+    )

@@ -1,0 +1,150 @@
+"""Baselines against exact enumeration (issue 3, item 5) and their contracts."""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from stats import num_cells, weighted_frequency_z, z_threshold
+from toy_models import HORIZON, PROMPT, random_lm, trap_lm
+
+from powersmc import InputError, mh_sample, sample, scalable_power_sample
+from powersmc.exact import power_distribution, tempered_distribution, total_variation
+from powersmc.methods.spower import power_next_token
+from powersmc.results import Cost
+
+ALPHA = 4.0
+
+
+def _emp(draws):
+    return {k: v / len(draws) for k, v in Counter(draws).items()}
+
+
+@pytest.mark.parametrize("make", [trap_lm, random_lm])
+def test_low_temperature_is_the_token_level_product(make):
+    lm = make()
+    low = tempered_distribution(lm, PROMPT, HORIZON, 1 / ALPHA)
+    pi, _ = power_distribution(lm, PROMPT, HORIZON, ALPHA)
+    r = sample(lm, PROMPT, temperature=1 / ALPHA, num_samples=5000, max_new_tokens=HORIZON, seed=0)
+    draws = [tuple(s) for s in r.samples]
+    _, worst = weighted_frequency_z(draws, [1.0] * len(draws), low)
+    assert worst < z_threshold(num_cells(low, len(draws)) * 2)
+    mc_floor = 0.5 * sum(math.sqrt(p * (1 - p) / len(draws)) for p in pi.values())
+    print(f"{make.__name__}: TV(low-temp, pi) = {total_variation(low, pi):.4f}")
+    assert total_variation(_emp(draws), pi) > 5 * mc_floor
+
+
+def test_greedy_is_the_argmax_path():
+    lm = trap_lm()
+    r = sample(lm, PROMPT, greedy=True, num_samples=3, max_new_tokens=HORIZON, seed=0)
+    assert r.method == "greedy" and r.samples == [[2, 0]] * 3
+
+
+def _mh_tv(lm, moves, mode, runs, T=HORIZON, blocks=2, seed0=0):
+    draws = [tuple(mh_sample(lm, PROMPT, alpha=ALPHA, max_new_tokens=T, num_blocks=blocks,
+                             mh_moves=moves, mode=mode, seed=seed0 + s).token_ids)
+             for s in range(runs)]
+    return draws
+
+
+def test_exact_mh_converges_to_pi():
+    """TV to pi falls with the number of moves; on a short horizon the chain passes the
+    goodness-of-fit test against pi."""
+    lm = trap_lm()
+    pi, _ = power_distribution(lm, PROMPT, HORIZON, ALPHA)
+    tvs = {m: total_variation(_emp(_mh_tv(lm, m, "exact", 600)), pi) for m in (0, 4, 24)}
+    print("exact MH TV by moves per block:", tvs)
+    assert tvs[0] > tvs[4] > tvs[24]
+    pi2, _ = power_distribution(lm, PROMPT, 2, ALPHA)
+    draws = _mh_tv(lm, 20, "exact", 1500, T=2, blocks=1, seed0=50_000)
+    _, worst = weighted_frequency_z(draws, [1.0] * len(draws), pi2)
+    assert worst < z_threshold(num_cells(pi2, len(draws)))
+
+
+def test_faithful_mh_bias_is_measured():
+    """The published kernel (no index correction, truncated comparison, early return) does not
+    converge to pi on the trap model: more moves do not bring it closer."""
+    lm = trap_lm()
+    pi, _ = power_distribution(lm, PROMPT, HORIZON, ALPHA)
+    exact = total_variation(_emp(_mh_tv(lm, 24, "exact", 600, seed0=1)), pi)
+    faithful = total_variation(_emp(_mh_tv(lm, 24, "faithful", 600, seed0=1)), pi)
+    print(f"TV to pi after 24 moves/block: exact {exact:.3f}, faithful {faithful:.3f}")
+    assert faithful > exact + 0.2
+
+
+def _spower_bias(lm, m, jackknife, reps=1000):
+    pi, _ = power_distribution(lm, PROMPT, HORIZON, ALPHA)
+    exact = torch.tensor([sum(v for k, v in pi.items() if k[0] == t) for t in range(4)],
+                         dtype=torch.float64)
+    gen, acc = torch.Generator().manual_seed(m), torch.zeros(4, dtype=torch.float64)
+    for _ in range(reps):
+        state, logp = lm.prefill(PROMPT, 1)
+        cand, p = power_next_token(lm, state, logp, alpha=ALPHA, top_k=4, rollouts=m,
+                                   horizon=HORIZON - 1, jackknife=jackknife, generator=gen,
+                                   cost=Cost())
+        acc[cand] += p
+    return float((acc / reps - exact).abs().sum())
+
+
+def test_scalable_power_bias_shrinks_with_m_and_jackknife():
+    lm = trap_lm()
+    b = {(m, jk): _spower_bias(lm, m, jk) for m in (2, 4, 16) for jk in (False, True)}
+    print("Ji et al. L1 bias of the first-token conditional:", b)
+    assert b[(2, False)] > b[(4, False)] > b[(16, False)]
+    assert b[(2, True)] > b[(4, True)] > b[(16, True)]
+    for m in (4, 16):
+        assert b[(m, True)] < b[(m, False)]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda lm: sample(lm, PROMPT, temperature=0.3, num_samples=4, max_new_tokens=4, seed=5),
+        lambda lm: mh_sample(lm, PROMPT, max_new_tokens=4, num_blocks=2, mh_moves=3, seed=5),
+        lambda lm: mh_sample(lm, PROMPT, max_new_tokens=4, num_blocks=2, mh_moves=3, seed=5,
+                             mode="faithful"),
+        lambda lm: scalable_power_sample(lm, PROMPT, max_new_tokens=4, rollouts=3, seed=5),
+    ],
+)
+def test_seeded_and_global_rng_untouched(call):
+    lm = random_lm()
+    rng = torch.get_rng_state()
+    a, b = call(lm), call(lm)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert a.token_ids == b.token_ids and a.stats == b.stats
+    assert a.cost.token_evals == b.cost.token_evals > 0
+
+
+@pytest.mark.parametrize(
+    "call,arg",
+    [
+        (lambda lm: sample(lm, PROMPT, temperature=0.0), "temperature"),
+        (lambda lm: sample(lm, PROMPT, num_samples=0), "num_samples"),
+        (lambda lm: mh_sample(lm, PROMPT, mode="bogus"), "mode"),
+        (lambda lm: mh_sample(lm, PROMPT, mh_moves=-1), "mh_moves"),
+        (lambda lm: mh_sample(lm, PROMPT, alpha=0.9), "alpha"),
+        (lambda lm: scalable_power_sample(lm, PROMPT, rollouts=0), "rollouts"),
+        (lambda lm: scalable_power_sample(lm, PROMPT, max_new_tokens=0), "max_new_tokens"),
+    ],
+)
+def test_bad_input(call, arg):
+    with pytest.raises(InputError, match=f"^{arg}:"):
+        call(random_lm())
+
+
+@pytest.mark.model
+def test_every_method_runs_on_default_model(default_lm):
+    q = "What is 3 + 4?"
+    runs = [
+        sample(default_lm, q, max_new_tokens=12, seed=0),
+        sample(default_lm, q, temperature=0.25, num_samples=3, max_new_tokens=12, seed=0),
+        sample(default_lm, q, greedy=True, max_new_tokens=12),
+        mh_sample(default_lm, q, max_new_tokens=12, num_blocks=2, mh_moves=2, seed=0),
+        mh_sample(default_lm, q, max_new_tokens=12, num_blocks=2, mh_moves=2, seed=0,
+                  mode="faithful"),
+        scalable_power_sample(default_lm, q, max_new_tokens=4, top_k=3, rollouts=2, horizon=3,
+                              seed=0),
+    ]
+    for r in runs:
+        assert r.token_ids and r.cost.seconds > 0 and r.cost.token_evals > 0
+        assert len(r.token_ids) <= 12
