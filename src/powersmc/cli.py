@@ -69,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--json", action="store_true", help="print the result object as JSON")
     s.add_argument("--no-progress", action="store_true")
+    e = sub.add_parser("eval", help="evaluate methods on a data set (resumable)")
+    e.add_argument("--dataset", required=True,
+                   help="builtin, math500, gsm8k, a JSONL path or a hub id")
+    e.add_argument("--methods", default="plain,lowtemp,mh,spower,smc",
+                   help="comma-separated: smc, mh, mh-faithful, spower, lowtemp, plain, greedy")
+    e.add_argument("--seeds", default="0", help="comma-separated seeds")
+    e.add_argument("--limit", type=int, default=None, help="first N problems (after --subset)")
+    e.add_argument("--subset", default=None, help="'i:j', 'level=5', 'subject=Algebra'")
+    e.add_argument("--template", default=None,
+                   help="karan-du, chat or a file with {problem} (default: chat for chat models)")
+    e.add_argument("--out", required=True, help="run directory (re-run to resume)")
+    e.add_argument("--no-progress", action="store_true")
+    _model_args(e)
+    _sampling_args(e)
+
+    r = sub.add_parser("report", help="Table 1 and a plot from a run directory")
+    r.add_argument("dir", metavar="DIR")
     return parser
 
 
@@ -123,7 +140,51 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sample": cmd_sample}
+def _int_list(name: str, text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(name, "comma-separated integers", text) from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from powersmc.eval.data import load_problems
+    from powersmc.eval.prompts import load_template
+    from powersmc.eval.report import report
+    from powersmc.eval.runner import run_eval
+    from powersmc.methods.registry import check_method
+    from powersmc.models import describe
+
+    methods = [check_method(m.strip()) for m in args.methods.split(",") if m.strip()]
+    seeds = _int_list("--seeds", args.seeds)
+    if not methods:
+        raise InputError("--methods", "at least one method", args.methods)
+    args.method = methods[0]
+    _check_sampling(args)
+    problems = load_problems(args.dataset, limit=args.limit, subset=args.subset)
+    builtin = args.dataset == "builtin"
+    if builtin:  # few-shot completion prompts: raw text, used as they are
+        args.raw = True
+    lm = _load(args)
+    template = "{problem}" if builtin and args.template is None else load_template(
+        args.template or ("chat" if lm.chat else "karan-du"))
+    run_eval(lm, problems, methods=methods, seeds=seeds, out_dir=args.out, template=template,
+             alpha=args.alpha, max_new_tokens=args.max_new_tokens, options=method_options(args),
+             config_extra={"dataset": args.dataset, "model": args.model or describe(lm),
+                           "subset": args.subset, "limit": args.limit},
+             progress=not args.no_progress)
+    print(report(args.out))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from powersmc.eval.report import report
+
+    print(report(args.dir))
+    return 0
+
+
+COMMANDS = {"sample": cmd_sample, "eval": cmd_eval, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,157 @@
+"""Run every (problem, seed, method), one JSON line per result, resumable after a kill.
+
+Results are appended to `results.jsonl` as each is produced (flushed and fsync'ed). On restart
+with the same command, the finished (problem, method, seed) keys are read back and skipped; a
+last line cut off by the kill is dropped, so nothing is lost or duplicated. The methods run
+side by side on each problem with the same derived seed, so per-problem latency ratios compare
+the same work on the same machine state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import zlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from powersmc.backends.protocol import LanguageModel
+from powersmc.errors import InputError
+from powersmc.eval.data import Problem
+from powersmc.eval.grading import grade
+from powersmc.eval.prompts import render
+from powersmc.methods.registry import check_method, run_method
+
+RESULTS = "results.jsonl"
+CONFIG = "config.json"
+
+
+def derived_seed(seed: int, problem_id: str) -> int:
+    """The seed of one (problem, seed) cell, shared by all methods (common random numbers)."""
+    return zlib.crc32(f"{seed}:{problem_id}".encode()) & 0x7FFFFFFF
+
+
+def read_results(path: Path) -> list[dict]:
+    """Complete result lines of a results file; a truncated last line is removed from disk."""
+    if not path.exists():
+        return []
+    good: list[dict] = []
+    keep_bytes = 0
+    with path.open("rb") as fh:
+        for raw in fh:
+            try:
+                if not raw.endswith(b"\n"):
+                    raise ValueError("truncated line")
+                good.append(json.loads(raw))
+                keep_bytes += len(raw)
+            except ValueError:
+                break
+    if keep_bytes != path.stat().st_size:
+        with path.open("r+b") as fh:
+            fh.truncate(keep_bytes)
+    return good
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _check_config(out: Path, config: dict) -> None:
+    cfg_path = out / CONFIG
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old != config:
+            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise InputError("--out", f"a new directory, or the same settings as the run "
+                             f"already there (differs in: {', '.join(changed)})", str(out))
+    else:
+        cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def run_eval(
+    model: LanguageModel,
+    problems: list[Problem],
+    *,
+    methods: list[str],
+    seeds: list[int],
+    out_dir: str | os.PathLike,
+    template: str,
+    alpha: float = 4.0,
+    max_new_tokens: int = 512,
+    options: dict[str, Any] | None = None,
+    config_extra: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Evaluate `methods` on `problems` for each seed; returns all results (old and new)."""
+    for m in methods:
+        check_method(m)
+    if not seeds:
+        raise InputError("--seeds", "at least one seed", seeds)
+    options = dict(options or {})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"methods": methods, "seeds": seeds, "alpha": alpha,
+              "max_new_tokens": max_new_tokens, "template": template,
+              "options": {k: v for k, v in sorted(options.items()) if k != "progress"},
+              "problems": [p.id for p in problems], **(config_extra or {})}
+    _check_config(out, config)
+    path = out / RESULTS
+    results = read_results(path)
+    done = {(r["problem_id"], r["method"], r["seed"]) for r in results}
+    correct: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in results:
+        correct[r["method"]][0] += r["correct"]
+        correct[r["method"]][1] += 1
+    total = len(problems) * len(seeds) * len(methods)
+    bar = tqdm(total=total, initial=len(done), desc="eval", unit="run", disable=not progress,
+               file=sys.stderr)
+    with path.open("a", encoding="utf-8") as fh:
+        for problem in problems:
+            prompt = render(template, problem.question)
+            for seed in seeds:
+                for method in methods:
+                    if (problem.id, method, seed) in done:
+                        continue
+                    rec = _one(model, problem, prompt, method, seed, alpha, max_new_tokens,
+                               options)
+                    fh.write(json.dumps(rec) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    results.append(rec)
+                    correct[method][0] += rec["correct"]
+                    correct[method][1] += 1
+                    bar.update(1)
+                    bar.set_postfix_str(" ".join(
+                        f"{m}={c / n:.0%}" for m, (c, n) in correct.items() if n))
+    bar.close()
+    return results
+
+
+def _one(model, problem, prompt, method, seed, alpha, max_new_tokens, options) -> dict:
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    run_seed = derived_seed(seed, problem.id)
+    start = time.perf_counter()
+    res = run_method(method, model, prompt, alpha=alpha, max_new_tokens=max_new_tokens,
+                     seed=run_seed, **options)
+    wall = time.perf_counter() - start
+    g = grade(res.text, problem.answer, problem.kind)
+    return {
+        "problem_id": problem.id, "method": method, "seed": seed, "run_seed": run_seed,
+        "reference": problem.answer, "answer": res.text, "extracted": g.extracted,
+        "correct": g.correct, "correct_math_verify": g.correct_math_verify,
+        "grading_error": g.error, "seconds": wall, "generated_tokens": len(res.token_ids),
+        "finished": res.finished, "token_evals": res.cost.token_evals,
+        "forward_passes": res.cost.forward_passes, "prefill_tokens": res.cost.prefill_tokens,
+        "peak_memory_mb": _peak_memory_mb(model.device), "meta": problem.meta,
+    }

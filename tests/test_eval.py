@@ -1,0 +1,129 @@
+"""Evaluation harness: grading, data loading, report statistics, kill-and-resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from powersmc import InputError
+from powersmc.eval.data import load_problems
+from powersmc.eval.grading import grade, last_boxed, math_equal, normalize
+from powersmc.eval.report import pass_at_k, report, wilson
+from powersmc.eval.runner import read_results
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def test_last_boxed_is_brace_matched():
+    assert last_boxed(r"a \boxed{1} then \boxed{\frac{1}{2}} end") == r"\frac{1}{2}"
+    assert last_boxed(r"\fbox{x^{2}}") == "x^{2}"
+    assert last_boxed("no box here") is None
+    assert last_boxed(r"\boxed{unclosed {") is None
+
+
+@pytest.mark.parametrize("a,b", [
+    (r"\frac12", r"\frac{1}{2}"), (r"\dfrac{3}{4}", r"\frac{3}{4}"), ("x = 5", "5"),
+    ("5.0", "5"), (r"10\text{ cm}", "10"), ("1,000", "1000"), (r"90^\circ", "90"),
+    ("3/4", r"\frac{3}{4}"), (r"\left(1, 2\right)", "(1,2)"), ("0.5", r"\frac{1}{2}"),
+])
+def test_normalization(a, b):
+    assert normalize(a) == normalize(b)
+
+
+def test_sympy_equivalence_and_inequality():
+    assert math_equal(r"\frac{\sqrt{2}}{2}", r"\frac{1}{\sqrt{2}}")
+    assert math_equal("2x+2", "2(x+1)")
+    assert not math_equal("3", "4")
+
+
+def test_grade_math_and_gsm8k():
+    ok = grade(r"so the answer is \boxed{\dfrac{3}{4}}.", r"\frac{3}{4}", "math")
+    assert ok.correct and ok.extracted == r"\dfrac{3}{4}" and ok.correct_math_verify
+    assert not grade("the answer is 3/4", r"\frac{3}{4}", "math").correct  # no box: wrong
+    assert grade("He has 1,000 pens left.", "1000", "number").correct
+    assert grade(r"\boxed{7} apples, 9 total?", "7", "number").correct
+    assert not grade("", "7", "number").correct
+    bad = grade(r"\boxed{\frac{1}{0}} \boxed{}}}{{", "1", "math")
+    assert bad.correct is False
+
+
+def test_load_local_jsonl_and_subsets():
+    math = load_problems(str(FIX / "math_small.jsonl"))
+    assert [p.kind for p in math] == ["math"] * 3 and math[0].answer == r"\frac{3}{4}"
+    assert len(load_problems(str(FIX / "math_small.jsonl"), subset="level=1")) == 2
+    assert [p.id for p in load_problems(str(FIX / "math_small.jsonl"), subset="1:3")] == [
+        "test/algebra/2.json", "test/algebra/3.json"]
+    assert len(load_problems(str(FIX / "math_small.jsonl"), subset="subject=algebra",
+                             limit=1)) == 1
+    gsm = load_problems(str(FIX / "gsm8k_small.jsonl"))
+    assert [p.answer for p in gsm] == ["7", "1000"] and gsm[0].kind == "number"
+    with pytest.raises(InputError, match="^dataset:"):
+        load_problems("./missing.jsonl")
+    with pytest.raises(InputError, match="^subset:"):
+        load_problems(str(FIX / "math_small.jsonl"), subset="level=9")
+
+
+def test_statistics():
+    lo, hi = wilson(5, 10)
+    assert 0.23 < lo < 0.24 and 0.76 < hi < 0.77
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 4, 1) == 1.0
+    assert abs(pass_at_k(4, 1, 2) - 0.5) < 1e-12
+
+
+def _run_worker(out, env):
+    return subprocess.Popen([sys.executable, str(Path(__file__).parent / "eval_worker.py"),
+                             str(out)], env=env, start_new_session=True)
+
+
+def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    ref = tmp_path / "ref"
+    assert _run_worker(ref, env).wait(timeout=300) == 0
+    expected = read_results(ref / "results.jsonl")
+    assert len(expected) == 6 * 2 * 3
+
+    out = tmp_path / "killed"
+    proc = _run_worker(out, env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        path = out / "results.jsonl"
+        if path.exists() and path.read_text().count("\n") >= 7:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = read_results(out / "results.jsonl")
+    assert 7 <= len(partial) < len(expected)
+    with (out / "results.jsonl").open("a") as fh:  # simulate a line cut off mid-write
+        fh.write('{"problem_id": "p9", "meth')
+    assert _run_worker(out, env).wait(timeout=300) == 0
+    got = read_results(out / "results.jsonl")
+    keys = [(r["problem_id"], r["method"], r["seed"]) for r in got]
+    assert len(keys) == len(set(keys)) == len(expected)
+
+    def strip(r):
+        return {k: v for k, v in r.items() if k not in ("seconds", "peak_memory_mb")}
+
+    assert sorted(map(json.dumps, map(strip, got))) == sorted(map(json.dumps, map(strip, expected)))
+    text = report(out)
+    assert "| smc |" in text and (out / "accuracy_latency.png").stat().st_size > 1000
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    from eval_worker import VOCAB, DigitLM, _next
+
+    from powersmc.eval.data import Problem
+    from powersmc.eval.runner import run_eval
+
+    lm = DigitLM(_next, VOCAB, [10])
+    probs = [Problem("p0", "1+1", "2", "number")]
+    run_eval(lm, probs, methods=["plain"], seeds=[0], out_dir=tmp_path, template="{problem}",
+             max_new_tokens=3, progress=False)
+    with pytest.raises(InputError, match="^--out:"):
+        run_eval(lm, probs, methods=["plain"], seeds=[0], out_dir=tmp_path, template="{problem}",
+                 max_new_tokens=4, progress=False)
