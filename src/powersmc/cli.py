@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from powersmc.errors import InputError
 
@@ -86,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="Table 1 and a plot from a run directory")
     r.add_argument("dir", metavar="DIR")
+
+    b = sub.add_parser("bench", help="Sec. 6 measured: s(b), SMC overhead, MH vs SMC, profile")
+    b.add_argument("--prompt", default="Explain why the sky is blue.")
+    b.add_argument("--particles", type=int, default=16)
+    b.add_argument("--tokens", type=int, default=64, help="forced generation length T")
+    b.add_argument("--alpha", type=float, default=4.0)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--batches", default="1,2,4,8,16,32,64")
+    b.add_argument("--mh-tokens", type=int, default=32)
+    b.add_argument("--mh-blocks", type=int, default=4)
+    b.add_argument("--mh-moves", type=int, default=2)
+    b.add_argument("--out", default="bench-out")
+    _model_args(b)
     return parser
 
 
@@ -184,7 +198,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sample": cmd_sample, "eval": cmd_eval, "report": cmd_report}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from powersmc.bench import run_bench
+    from powersmc.methods import common
+
+    common.check_alpha(args.alpha)
+    for name in ("particles", "tokens", "repeats", "mh_tokens", "mh_blocks"):
+        common.check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
+    common.check_nonnegative_int("--mh-moves", args.mh_moves)
+    batches = _int_list("--batches", args.batches)
+    if not batches or min(batches) < 1 or 1 not in batches:
+        raise InputError("--batches", "comma-separated sizes >= 1 that include 1", args.batches)
+    lm = _load(args)
+    run_bench(lm, args.prompt, particles=args.particles, tokens=args.tokens, alpha=args.alpha,
+              repeats=args.repeats, batches=batches, mh_tokens=args.mh_tokens,
+              mh_blocks=args.mh_blocks, mh_moves=args.mh_moves, out_dir=args.out,
+              progress=lambda m: print(m, file=sys.stderr))
+    print((Path(args.out) / "bench.md").read_text())
+    return 0
+
+
+COMMANDS = {"sample": cmd_sample, "eval": cmd_eval, "report": cmd_report, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from powersmc.backends.protocol import LanguageModel, Prompt
@@ -118,8 +119,9 @@ def smc_sample(
             alpha_prev = alpha_t
         if truncating:
             logp = truncate_logprobs(logp, top_k, top_p)
-        logq = propose(logp, alpha_t)
-        tok = torch.multinomial(logq.exp(), 1, generator=gen).squeeze(1)
+        with record_function("powersmc.sample"):
+            logq = propose(logp, alpha_t)
+            tok = torch.multinomial(logq.exp(), 1, generator=gen).squeeze(1)
         lp = logp.gather(1, tok[:, None]).squeeze(1).double()
         lq = logq.gather(1, tok[:, None]).squeeze(1).double()
         log_w.index_add_(0, alive_dev, alpha_t * lp - lq)  # eq. 8
@@ -128,23 +130,26 @@ def smc_sample(
         lengths[alive_dev] = t
         finished[alive_dev] = torch.isin(tok, eos)
         logzt_hist[t - 1] = log_power_normalizer(logp, alpha_t).mean()  # eq. 13
-        ess_t = ess(log_w)
-        ess_hist[t - 1] = ess_t
-        fire = ess_t < kappa * n
-        total = torch.logsumexp(log_w, 0)
-        ancestors = torch.where(fire, resample(torch.exp(log_w - total), gen), arange_n)
-        packed = torch.cat([torch.stack([fire.double(), total]), ancestors.double(),
-                            finished.double()]).cpu().numpy()  # the one host sync of this step
+        with record_function("powersmc.weights"):
+            ess_t = ess(log_w)
+            ess_hist[t - 1] = ess_t
+            fire = ess_t < kappa * n
+            total = torch.logsumexp(log_w, 0)
+            ancestors = torch.where(fire, resample(torch.exp(log_w - total), gen), arange_n)
+        with record_function("powersmc.sync"):  # the one host sync of this step
+            packed = torch.cat([torch.stack([fire.double(), total]), ancestors.double(),
+                                finished.double()]).cpu().numpy()
         if not math.isfinite(packed[1]):
             raise DegenerateWeightsError("every particle has weight zero: q misses the target")
         source = packed[2 : 2 + n].astype(np.int64)
         fin = packed[2 + n :] > 0.5
         if packed[0] > 0.5:  # resample (Algorithm 1, lines 17-20)
-            log_z += log_mean_weight(log_w)
-            tokens, log_p_seq = tokens[ancestors], log_p_seq[ancestors]
-            lengths, finished = lengths[ancestors], finished[ancestors]
-            log_w.zero_()
-            resample_steps.append(t)
+            with record_function("powersmc.resample"):
+                log_z += log_mean_weight(log_w)
+                tokens, log_p_seq = tokens[ancestors], log_p_seq[ancestors]
+                lengths, finished = lengths[ancestors], finished[ancestors]
+                log_w.zero_()
+                resample_steps.append(t)
         row_of = np.full(n, -1)
         row_of[alive] = np.arange(alive.size)
         new_alive = np.flatnonzero(~fin[source])
@@ -153,10 +158,12 @@ def smc_sample(
         if new_alive.size == 0 or t == T:
             break
         if index.size != alive.size or (index != np.arange(index.size)).any():
-            model.reorder(state, torch.from_numpy(index).to(dev))
+            with record_function("powersmc.reorder"):
+                model.reorder(state, torch.from_numpy(index).to(dev))
         alive = new_alive
         alive_dev = torch.from_numpy(alive).to(dev)
-        logp = model.step(state, tokens[alive_dev, t - 1])
+        with record_function("powersmc.forward"):
+            logp = model.step(state, tokens[alive_dev, t - 1])
         cost.add_step(alive.size)
     bar.close()
 
