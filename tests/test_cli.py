@@ -1,0 +1,37 @@
+"""CLI contract: bad input exits 2 with one line naming the argument, and no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "powersmc", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sample", "--prompt", "hi", "--alpha", "0.5"], "alpha"),
+    (["sample", "--prompt", "hi", "--particles", "0"], "particles"),
+    (["sample", "--prompt", "hi", "--ess-threshold", "2"], "ess_threshold"),
+    (["sample", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["sample", "--prompt", "   "], "prompt"),
+    (["sample", "--prompt", "hi", "--method", "beam"], "method"),
+    (["sample", "--prompt", "hi", "--resampler", "x"], "resampler"),
+    (["sample", "--prompt-file", "/no/such/file"], "--prompt-file"),
+    (["sample", "--prompt", "hi", "--model", "./missing.gguf"], "model"),
+    (["sample", "--prompt", "hi", "--particles", "many"], "--particles"),
+    (["eval", "--dataset", "./missing.jsonl", "--out", "x"], "dataset"),
+    (["eval", "--dataset", "builtin", "--methods", "smc,nope", "--out", "x"], "method"),
+    (["eval", "--dataset", "builtin", "--seeds", "a", "--out", "x"], "--seeds"),
+    (["report", "/no/such/dir"], "DIR"),
+    (["bench", "--batches", "2,4"], "--batches"),
+    (["sample"], "--prompt"),
+])
+def test_bad_input_exit_code_2(args, needle):
+    r = _cli(*args)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if "error" in ln]
+    assert len(lines) == 1 and needle in lines[0]
+    assert "Traceback" not in r.stderr
