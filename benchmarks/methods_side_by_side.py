@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     lm = load_model(device="auto")
-    opts = {"particles": 16, "num_blocks": 4, "mh_moves": 10, "top_k": 8, "rollouts": 8,
+    opts = {"particles": 16, "num_blocks": 4, "mh_moves": 10, "candidates": 8, "rollouts": 8,
             "horizon": 16}
     rows = []
     for method in ("plain", "lowtemp", "smc", "mh", "mh-faithful", "spower"):

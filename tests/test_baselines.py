@@ -79,7 +79,7 @@ def _spower_bias(lm, m, jackknife, reps=1000):
     gen, acc = torch.Generator().manual_seed(m), torch.zeros(4, dtype=torch.float64)
     for _ in range(reps):
         state, logp = lm.prefill(PROMPT, 1)
-        cand, p = power_next_token(lm, state, logp, alpha=ALPHA, top_k=4, rollouts=m,
+        cand, p = power_next_token(lm, state, logp, alpha=ALPHA, candidates=4, rollouts=m,
                                    horizon=HORIZON - 1, jackknife=jackknife, generator=gen,
                                    cost=Cost())
         acc[cand] += p
@@ -142,9 +142,25 @@ def test_every_method_runs_on_default_model(default_lm):
         mh_sample(default_lm, q, max_new_tokens=12, num_blocks=2, mh_moves=2, seed=0),
         mh_sample(default_lm, q, max_new_tokens=12, num_blocks=2, mh_moves=2, seed=0,
                   mode="faithful"),
-        scalable_power_sample(default_lm, q, max_new_tokens=4, top_k=3, rollouts=2, horizon=3,
+        scalable_power_sample(default_lm, q, max_new_tokens=4, candidates=3, rollouts=2, horizon=3,
                               seed=0),
     ]
     for r in runs:
         assert r.token_ids and r.cost.seconds > 0 and r.cost.token_evals > 0
         assert len(r.token_ids) <= 12
+
+
+def test_shared_options_never_truncate_smc():
+    """One option set drives every method in an evaluation: Ji et al.'s K must not reach
+    smc_sample as a truncation (regression: it once did, under the name top_k)."""
+    import warnings
+
+    from powersmc.methods.registry import run_method
+    from powersmc.proposals import TruncatedTargetWarning
+
+    opts = {"particles": 4, "candidates": 2, "rollouts": 2, "horizon": 2, "num_blocks": 2,
+            "mh_moves": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TruncatedTargetWarning)
+        for method in ("smc", "spower", "mh", "plain", "lowtemp"):
+            run_method(method, random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0, **opts)

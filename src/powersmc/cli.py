@@ -40,7 +40,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--mh-blocks", type=int, default=16, help="MH: number of blocks K")
     g.add_argument("--mh-moves", type=int, default=10, help="MH: moves per block M")
-    g.add_argument("--spower-top-k", type=int, default=8, help="Ji et al.: candidates K")
+    g.add_argument("--candidates", type=int, default=8, help="Ji et al.: top-K candidates K")
     g.add_argument("--rollouts", type=int, default=8, help="Ji et al.: rollouts M per candidate")
     g.add_argument("--horizon", type=int, default=192, help="Ji et al.: rollout length")
 
@@ -50,7 +50,7 @@ def method_options(args: argparse.Namespace) -> dict:
     return {
         "particles": args.particles, "ess_threshold": args.ess_threshold,
         "resampler": args.resampler, "ramp_tokens": args.ramp_tokens,
-        "num_blocks": args.mh_blocks, "mh_moves": args.mh_moves, "top_k": args.spower_top_k,
+        "num_blocks": args.mh_blocks, "mh_moves": args.mh_moves, "candidates": args.candidates,
         "rollouts": args.rollouts, "horizon": args.horizon,
     }
 

@@ -37,7 +37,7 @@ def power_next_token(
     logp: torch.Tensor,
     *,
     alpha: float,
-    top_k: int,
+    candidates: int,
     rollouts: int,
     horizon: int,
     jackknife: bool,
@@ -49,7 +49,7 @@ def power_next_token(
     `state` (1 row) holds the prefix; it is forked, never modified. Returns (candidate ids [K],
     probabilities [K]). With horizon 0 no rollout runs and the result is p^alpha renormalized.
     """
-    k = min(top_k, logp.shape[-1])
+    k = min(candidates, logp.shape[-1])
     lp_cand, cand = torch.topk(logp[0], k)
     lp_cand, m = lp_cand.double(), rollouts
     log_zeta = torch.zeros((k, m), dtype=torch.float64, device=logp.device)
@@ -86,7 +86,7 @@ def scalable_power_sample(
     prompt: Prompt,
     *,
     alpha: float = 4.0,
-    top_k: int = 8,
+    candidates: int = 8,
     rollouts: int = 8,
     horizon: int = 192,
     jackknife: bool = True,
@@ -95,11 +95,12 @@ def scalable_power_sample(
 ) -> SampleResult:
     """Autoregressive sampling from the rollout estimate of pi_alpha's conditionals.
 
-    Defaults: K = 8 candidates, M = 8 rollouts, horizon 192 (the settings of public
+    Defaults: K = `candidates` = 8, M = `rollouts` = 8, horizon 192 (the settings of public
     reimplementations). Cost per generated token is about K * M * horizon token evaluations.
+    (K is not called `top_k`: in this library `top_k` always means truncating the target.)
     """
     alpha = check_alpha(alpha)
-    check_positive_int("top_k", top_k)
+    check_positive_int("candidates", candidates)
     check_positive_int("rollouts", rollouts)
     check_positive_int("horizon", horizon)
     ids = encode_prompt(model, prompt, max_new_tokens)
@@ -112,7 +113,7 @@ def scalable_power_sample(
     log_p, finished = 0.0, False
     for t in range(max_new_tokens):
         h = min(horizon, max_new_tokens - t - 1)
-        cand, probs = power_next_token(model, state, logp, alpha=alpha, top_k=top_k,
+        cand, probs = power_next_token(model, state, logp, alpha=alpha, candidates=candidates,
                                        rollouts=rollouts, horizon=h, jackknife=jackknife,
                                        generator=gen, cost=cost)
         tok = cand[torch.multinomial(probs, 1, generator=gen)]
@@ -128,6 +129,6 @@ def scalable_power_sample(
     return SampleResult(
         method="spower", text=model.decode(tokens), token_ids=tokens, seed=seed, cost=cost,
         finished=finished,
-        stats={"top_k": top_k, "rollouts": rollouts, "horizon": horizon,
+        stats={"candidates": candidates, "rollouts": rollouts, "horizon": horizon,
                "jackknife": jackknife, "log_p": log_p},
     )
