@@ -166,7 +166,6 @@ def run_bench(lm: LanguageModel, prompt: str | list[int], *, particles: int, tok
     progress("MH vs SMC ...")
     mh = mh_vs_smc(lm, prompt, particles=particles, tokens=mh_tokens, alpha=alpha,
                    blocks=mh_blocks, moves=mh_moves, s_n=s_n)
-    s = {b: s[b] for b in batches}
     result = {
         "device": str(lm.device), "torch_threads": torch.get_num_threads(),
         "particles": particles, "tokens": tokens, "alpha": alpha, "repeats": repeats,

@@ -89,7 +89,7 @@ def mh_sample(
     chain: _Chain | None = None
     proposed = accepted = 0
 
-    def regenerate(j: int, cap: int) -> tuple[_Chain, int]:
+    def regenerate(j: int, cap: int) -> _Chain:
         """Fork the kept prefix y_{<j} and sample a new suffix of at most cap - j tokens."""
         if j == 0:
             state, logp = model.fork(prompt_state), prompt_logp
@@ -98,12 +98,12 @@ def mh_sample(
             logp = model.step(state, torch.tensor([chain.tokens[j - 1]], device=model.device))
             cost.add_step(1)
         ro = rollout(model, state, logp, cap - j, rule, gen, cost)
-        return _Chain.from_rollout(chain, j, ro), j
+        return _Chain.from_rollout(chain, j, ro)
 
     for k in range(1, num_blocks + 1):
         cap = min(k * block, max_new_tokens)
         if chain is None:
-            chain, _ = regenerate(0, cap)
+            chain = regenerate(0, cap)
         elif not chain.finished and len(chain.tokens) < cap:  # extend by one block
             logp = model.step(chain.state, torch.tensor([chain.tokens[-1]], device=model.device))
             cost.add_step(1)
@@ -112,7 +112,7 @@ def mh_sample(
         for _ in range(mh_moves):
             L = len(chain.tokens)
             j = int(torch.randint(L, (1,), generator=gen, device=model.device))
-            new, _ = regenerate(j, L if faithful else cap)
+            new = regenerate(j, L if faithful else cap)
             L2 = len(new.tokens)
             if faithful:  # compare the current suffix only up to the proposal's length
                 cur = slice(j, L2)

@@ -60,7 +60,7 @@ def run_method(name: str, model: LanguageModel, prompt: Prompt, *, alpha: float,
     fn = METHODS[check_method(name)]
     accepted = inspect.signature(_TARGETS.get(name, fn)).parameters
     kw = {k: v for k, v in options.items() if k in accepted and v is not None}
-    kw.pop("temperature", None), kw.pop("greedy", None)
-    if name == "mh-faithful":
-        kw.pop("mode", None)
+    if name in _TARGETS:  # the wrapper sets these itself
+        for fixed in ("temperature", "greedy", "mode"):
+            kw.pop(fixed, None)
     return fn(model, prompt, alpha=alpha, max_new_tokens=max_new_tokens, seed=seed, **kw)
