@@ -92,3 +92,51 @@ def test_single_particle_and_point_mass():
 def test_unknown_scheme():
     with pytest.raises(InputError, match="resampler"):
         get_resampler("bogus")
+
+
+batch_st = st.integers(1, 12).flatmap(
+    lambda n: st.lists(
+        st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=n, max_size=n).filter(
+            lambda r: sum(r) > 1e-6
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@settings(max_examples=60, deadline=None)
+@given(values=batch_st, seed=st.integers(0, 2**31))
+def test_batched_systems_each_valid(scheme, values, seed):
+    """[B, N] weights: each row is its own particle system (several prompts in one batch)."""
+    w = torch.tensor(values, dtype=torch.float64)
+    w = w / w.sum(-1, keepdim=True)
+    a = get_resampler(scheme)(w, torch.Generator().manual_seed(seed))
+    assert a.shape == w.shape and a.dtype == torch.long
+    n = w.shape[1]
+    for row_w, row_a in zip(w, a, strict=True):
+        assert (row_w[row_a] > 0).all()
+        assert (row_a.diff() >= 0).all(), "ancestors of a system are sorted"
+        if scheme != "multinomial":  # low-variance schemes keep about floor(N w) copies
+            counts = torch.bincount(row_a, minlength=n).double()
+            slack = int(scheme == "stratified")
+            assert (counts >= torch.floor(n * row_w - 1e-9) - slack).all()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_batched_unbiased_counts(scheme):
+    """E[#copies of i in system b] = N w_bi for every row of a [B, N] call."""
+    w = torch.tensor([[0.02, 0.3, 0.0, 0.18, 0.05, 0.45],
+                      [0.5, 0.0, 0.1, 0.1, 0.1, 0.2],
+                      [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    (b, n), reps = w.shape, 20000
+    gen = torch.Generator().manual_seed(2)
+    draws = torch.stack([get_resampler(scheme)(w, gen) for _ in range(reps)])
+    counts = torch.nn.functional.one_hot(draws, n).sum(-2).double()  # [reps, B, N]
+    mean, sd = counts.mean(0), counts.std(0)
+    dev = (mean - n * w).abs()
+    fixed = sd == 0
+    assert (dev[fixed] < 1e-9).all()
+    z = dev[~fixed] / (sd[~fixed] / math.sqrt(reps))
+    assert z.max() < z_threshold(b * n * len(SCHEMES))

@@ -8,7 +8,7 @@ from powersmc.backends.protocol import LanguageModel
 from powersmc.errors import InputError
 from powersmc.methods.decoding import sample
 from powersmc.methods.mh import mh_sample
-from powersmc.methods.smc import smc_sample
+from powersmc.methods.smc import smc_sample, smc_sample_many
 from powersmc.methods.spower import scalable_power_sample
 from powersmc.models import load_model
 from powersmc.proposals import TemperatureProposal, TruncatedTargetWarning
@@ -28,5 +28,6 @@ __all__ = [
     "sample",
     "scalable_power_sample",
     "smc_sample",
+    "smc_sample_many",
 ]
 __version__ = "0.1.0"

@@ -20,10 +20,10 @@ NextTokenFn = Callable[[tuple[int, ...]], Sequence[float] | torch.Tensor]
 
 @dataclass
 class FunctionState:
-    """Per-row prefixes (prompt + generated ids) and how many prompt ids they start with."""
+    """Per-row prefixes (prompt + generated ids) and how many prompt ids each starts with."""
 
     prefixes: list[tuple[int, ...]]
-    prompt_len: int
+    prompt_lens: list[int]
 
 
 class FunctionLM:
@@ -82,16 +82,28 @@ class FunctionLM:
 
     def prefill(self, prompt_ids: Sequence[int], rows: int) -> tuple[FunctionState, torch.Tensor]:
         prompt = tuple(int(i) for i in prompt_ids)
-        state = FunctionState([prompt] * rows, len(prompt))
+        state = FunctionState([prompt] * rows, [len(prompt)] * rows)
         return state, self._logprobs(prompt).expand(rows, -1).clone()
+
+    def prefill_many(
+        self, prompts: Sequence[Sequence[int]], rows: int
+    ) -> tuple[FunctionState, torch.Tensor]:
+        ids = [tuple(int(i) for i in p) for p in prompts]
+        state = FunctionState([p for p in ids for _ in range(rows)],
+                              [len(p) for p in ids for _ in range(rows)])
+        return state, self._batch(state.prefixes)
 
     def step(self, state: FunctionState, tokens: torch.Tensor) -> torch.Tensor:
         state.prefixes = [p + (t,) for p, t in zip(state.prefixes, tokens.tolist(), strict=True)]
         return self._batch(state.prefixes)
 
     def reorder(self, state: FunctionState, index: torch.Tensor) -> None:
-        state.prefixes = [state.prefixes[i] for i in index.tolist()]
+        order = index.tolist()
+        state.prefixes = [state.prefixes[i] for i in order]
+        state.prompt_lens = [state.prompt_lens[i] for i in order]
 
     def fork(self, state: FunctionState, keep: int | None = None) -> FunctionState:
-        end = None if keep is None else state.prompt_len + keep
-        return FunctionState([p[:end] for p in state.prefixes], state.prompt_len)
+        if keep is None:
+            return FunctionState(list(state.prefixes), list(state.prompt_lens))
+        prefixes = [p[: n + keep] for p, n in zip(state.prefixes, state.prompt_lens, strict=True)]
+        return FunctionState(prefixes, list(state.prompt_lens))

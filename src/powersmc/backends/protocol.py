@@ -1,6 +1,7 @@
 """The one protocol every sampler is written against: prefill / step / reorder (+ fork).
 
-A backend owns model state for a batch of rows that all share one prompt. Rows are anonymous:
+A backend owns model state for a batch of rows that share one prompt (`prefill`) or that hold
+several prompts, `rows` rows each, prompt-major (`prefill_many`). Rows are anonymous:
 the samplers keep their own mapping from particles to rows, so finished particles can leave the
 batch (`reorder` with fewer rows) and resampled ones can be duplicated (`reorder` with repeats).
 All returned log-probabilities are float32 tensors of shape [rows, vocab_size], normalized over
@@ -36,6 +37,13 @@ class LanguageModel(Protocol):
 
     def prefill(self, prompt_ids: Sequence[int], rows: int) -> tuple[Any, torch.Tensor]:
         """Process the prompt once and share it across `rows` rows; return (state, logprobs)."""
+        ...
+
+    def prefill_many(
+        self, prompts: Sequence[Sequence[int]], rows: int
+    ) -> tuple[Any, torch.Tensor]:
+        """Several prompts in one state: rows p*rows .. p*rows+rows-1 continue prompt p.
+        Every row's next-token logprobs equal those of `prefill` on its own prompt."""
         ...
 
     def step(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:

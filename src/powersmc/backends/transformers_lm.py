@@ -3,8 +3,10 @@
 One prefill of the prompt at batch 1, expanded to all rows (App. C: the prompt is shared);
 one cached forward per decode step over the rows still alive; resampling reindexes the cache
 through `kvcache.reorder_cache`. All rows always hold the same number of tokens (finished
-particles leave the batch instead of being padded), so no attention mask is needed and
-position ids are a single scalar per step.
+particles leave the batch instead of being padded). With one prompt no attention mask is
+needed and positions are one scalar per step; with several prompts (`prefill_many`) the
+prompts are left-padded, and a [rows, length] mask and per-row pad counts (positions are
+counted from each row's first real token) travel with the cache and are reordered with it.
 """
 
 from __future__ import annotations
@@ -25,12 +27,18 @@ _END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_
 
 @dataclass
 class HFState:
-    """A KV cache for `rows` rows that each hold `length` tokens (prompt included)."""
+    """A KV cache for `rows` rows that each hold `length` slots (padding and prompt included).
+
+    mask / pad: None for a single prompt; else the attention mask [rows, length] and the number
+    of left-padding slots of each row [rows].
+    """
 
     cache: Any
     length: int
     prompt_len: int
     rows: int
+    mask: torch.Tensor | None = None
+    pad: torch.Tensor | None = None
 
 
 class TransformersLM:
@@ -86,10 +94,15 @@ class TransformersLM:
         ids = [int(i) for i in token_ids if int(i) not in self.eos_token_ids]
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _forward(self, ids: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, cache: Any, start: int,
+                 mask: torch.Tensor | None = None,
+                 pad: torch.Tensor | None = None) -> torch.Tensor:
         pos = torch.arange(start, start + ids.shape[1], device=self.device).expand(ids.shape[0], -1)
+        if pad is not None:
+            pos = (pos - pad[:, None]).clamp(min=0)
         out = self.model(
-            input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1
+            input_ids=ids, past_key_values=cache, position_ids=pos, attention_mask=mask,
+            use_cache=True, logits_to_keep=1,
         )
         return torch.log_softmax(out.logits[:, -1, : self.vocab_size].float(), dim=-1)
 
@@ -105,15 +118,45 @@ class TransformersLM:
         return HFState(cache, ids.shape[1], ids.shape[1], rows), logp.expand(rows, -1).clone()
 
     @torch.inference_mode()
+    def prefill_many(
+        self, prompts: Sequence[Sequence[int]], rows: int
+    ) -> tuple[HFState, torch.Tensor]:
+        from transformers import DynamicCache
+
+        width = max(len(p) for p in prompts)
+        pad_id = self.tokenizer.pad_token_id
+        pad_id = self.eos_token_ids[0] if pad_id is None else pad_id
+        ids = torch.full((len(prompts), width), int(pad_id), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pad = width - mask.sum(1)
+        cache = DynamicCache(config=self.model.config)
+        logp = self._forward(ids, cache, 0, mask, pad)
+        if rows != 1:
+            cache.batch_repeat_interleave(rows)
+        state = HFState(cache, width, width, len(prompts) * rows,
+                        mask.repeat_interleave(rows, 0), pad.repeat_interleave(rows, 0))
+        return state, logp.repeat_interleave(rows, 0)
+
+    @torch.inference_mode()
     def step(self, state: HFState, tokens: torch.Tensor) -> torch.Tensor:
-        logp = self._forward(tokens.view(-1, 1).to(self.device), state.cache, state.length)
+        if state.mask is not None:
+            state.mask = torch.cat([state.mask, state.mask.new_ones(state.rows, 1)], 1)
+        logp = self._forward(tokens.view(-1, 1).to(self.device), state.cache, state.length,
+                             state.mask, state.pad)
         state.length += 1
         return logp
 
     @torch.inference_mode()
     def reorder(self, state: HFState, index: torch.Tensor) -> None:
-        state.cache = reorder_cache(self.model, state.cache, index.to(self.device))
+        index = index.to(self.device)
+        state.cache = reorder_cache(self.model, state.cache, index)
         state.rows = index.numel()
+        if state.mask is not None:
+            state.mask, state.pad = state.mask[index], state.pad[index]
 
     @torch.inference_mode()
     def fork(self, state: HFState, keep: int | None = None) -> HFState:
@@ -121,4 +164,5 @@ class TransformersLM:
         length = state.length if keep is None else state.prompt_len + keep
         if length < state.length:
             cache.crop(length - state.length)
-        return HFState(cache, length, state.prompt_len, state.rows)
+        mask = None if state.mask is None else state.mask[:, :length].clone()
+        return HFState(cache, length, state.prompt_len, state.rows, mask, state.pad)

@@ -6,12 +6,14 @@ Hot-path design (one decode step, all on the backend's device):
     device; a single host transfer per step brings back (resample flag, ancestors, finished);
   * the KV cache is reindexed only when resampling fired or a particle finished, and only for
     rows that change (App. C, `backends.kvcache`);
-  * token ids stay in an [N, T] device tensor; text is decoded once, at the end.
+  * token ids stay in an [P*N, T] device tensor; text is decoded once, at the end.
+
+Several prompts share one batch (`smc_sample_many`): prompt p owns particles p*N .. p*N+N-1,
+with its own weights, ESS, resampling and evidence; only the forward pass is shared.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 
@@ -21,7 +23,7 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from powersmc.backends.protocol import LanguageModel, Prompt
-from powersmc.errors import DegenerateWeightsError
+from powersmc.errors import DegenerateWeightsError, InputError
 from powersmc.methods.common import (
     check_alpha,
     check_ess_threshold,
@@ -38,9 +40,18 @@ from powersmc.schedules import Schedule, make_schedule
 from powersmc.weights import ess, log_mean_weight, log_power_normalizer
 
 
-def smc_sample(
+def smc_sample(model: LanguageModel, prompt: Prompt, **options) -> SMCResult:
+    """Draw one answer from pi_alpha(y|x) proportional to p(y|x)^alpha with Power-SMC.
+
+    `prompt` is text for text models, a list of token ids for `FunctionLM`. The options are
+    those of `smc_sample_many`, which runs this as a batch of one prompt.
+    """
+    return smc_sample_many(model, [prompt], **options)[0]
+
+
+def smc_sample_many(
     model: LanguageModel,
-    prompt: Prompt,
+    prompts: Sequence[Prompt],
     *,
     alpha: float = 4.0,
     particles: int = 16,
@@ -55,15 +66,20 @@ def smc_sample(
     top_k: int | None = None,
     top_p: float | None = None,
     progress: bool = False,
-) -> SMCResult:
-    """Draw one answer from pi_alpha(y|x) proportional to p(y|x)^alpha with Power-SMC.
+) -> list[SMCResult]:
+    """Power-SMC for P prompts in one batch of P x N particles: one answer per prompt.
+
+    Each prompt is its own particle system (Algorithm 1): weights, ESS, resampling decisions
+    and the evidence estimate never mix across prompts, so every answer is distributed exactly
+    as with `smc_sample` on that prompt alone. The batch only shares the forward passes,
+    which raises throughput wherever s(P*N) > P*s(N) (Sec. 6, Lemma 1).
 
     Args:
         model: any `LanguageModel` backend (`load_model(...)`, `FunctionLM(...)`).
-        prompt: text for text models, a list of token ids for `FunctionLM`.
+        prompts: texts for text models, lists of token ids for `FunctionLM`.
         alpha: the power exponent, >= 1.
-        particles: N, the number of particles advanced in one batch.
-        ess_threshold: kappa; resample when ESS < kappa * N (kappa = 1: whenever ESS < N).
+        particles: N, the number of particles per prompt.
+        ess_threshold: kappa; resample a prompt's system when its ESS < kappa * N.
         resampler: 'systematic' (default), 'multinomial', 'stratified' or 'residual'.
         ramp_tokens: exact alpha-ramping, linear over this many tokens (0: off; paper: 100).
         alpha_schedule: a user schedule t -> alpha_t (or a list alpha_1, alpha_2, ...); the
@@ -71,12 +87,16 @@ def smc_sample(
         max_new_tokens: T_max. Particles still running at T_max are kept as truncated
             sequences: the target is then p(y)^alpha over EOS-terminated sequences of length
             <= T_max together with unfinished prefixes of length exactly T_max.
-        seed: makes the run bit-reproducible on CPU; None draws one (recorded in the result).
+        seed: makes the run bit-reproducible on CPU; None draws one (recorded in the results).
+            One generator drives the whole batch, so a result depends on the batch it ran in.
         tau: fixed proposal temperature; default 1/alpha_t (Theorem 1).
         proposal: any prefix-only proposal `(logp, alpha_t) -> logq`; overrides `tau`.
         top_k, top_p: truncate the MODEL (warned): the target becomes the truncated model's
             power, and weights are exact for that truncated target.
         progress: show a progress bar on stderr.
+
+    Cost per result: `token_evals` and `prefill_tokens` are that prompt's own; `seconds` and
+    `forward_passes` are the batch's (the answer is ready when the batch is).
     """
     alpha = check_alpha(alpha)
     n = check_positive_int("particles", particles)
@@ -84,38 +104,48 @@ def smc_sample(
     check_nonnegative_int("ramp_tokens", ramp_tokens)
     resample = get_resampler(resampler)
     truncating = check_truncation(top_k, top_p)
-    prompt_ids = encode_prompt(model, prompt, max_new_tokens)
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise InputError("prompts", "a non-empty list of prompts", prompts)
+    prompt_ids = [encode_prompt(model, p, max_new_tokens) for p in prompts]
     gen, seed = make_generator(seed, model.device)
     schedule = make_schedule(alpha, ramp_tokens, alpha_schedule)
     propose = proposal if proposal is not None else TemperatureProposal(tau)
 
-    dev, T = model.device, max_new_tokens
+    dev, T, P = model.device, max_new_tokens, len(prompt_ids)
     f64 = dict(dtype=torch.float64, device=dev)
-    cost = Cost()
     start = time.perf_counter()
-    state, logp = model.prefill(prompt_ids, n)
-    cost.add_prefill(len(prompt_ids))
+    if P == 1:
+        state, logp = model.prefill(prompt_ids[0], n)
+    else:
+        state, logp = model.prefill_many(prompt_ids, n)
+    forward_passes = 1  # the prefill
 
-    tokens = torch.zeros((n, T), dtype=torch.long, device=dev)
-    log_w = torch.zeros(n, **f64)
-    log_p_seq = torch.zeros(n, **f64)  # log p(y_{1:t}) per particle, for the bridge
-    lengths = torch.zeros(n, dtype=torch.long, device=dev)
-    finished = torch.zeros(n, dtype=torch.bool, device=dev)
-    ess_hist, logzt_hist = torch.zeros(T, **f64), torch.zeros(T, **f64)
-    log_z = torch.zeros((), **f64)
+    tokens = torch.zeros((P * n, T), dtype=torch.long, device=dev)
+    log_w = torch.zeros((P, n), **f64)
+    flat_w = log_w.view(-1)
+    log_p_seq = torch.zeros(P * n, **f64)  # log p(y_{1:t}) per particle, for the bridge
+    lengths = torch.zeros(P * n, dtype=torch.long, device=dev)
+    finished = torch.zeros(P * n, dtype=torch.bool, device=dev)
+    ess_hist, logzt_hist = torch.zeros((P, T), **f64), torch.zeros((P, T), **f64)
+    log_z = torch.zeros(P, **f64)
     eos = eos_tensor(model)
-    arange_n = torch.arange(n, device=dev)
-    alive = np.arange(n)  # host: particle id of each batch row
-    alive_dev = arange_n
-    resample_steps: list[int] = []
-    alpha_prev, steps = 1.0, 0
+    offsets = torch.arange(P, device=dev)[:, None] * n
+    identity = torch.arange(n, device=dev).expand(P, n)
+    alive = np.arange(P * n)  # host: particle id of each batch row
+    alive_dev = torch.arange(P * n, device=dev)
+    group_dev = alive_dev // n
+    steps = np.zeros(P, dtype=np.int64)  # last step at which each prompt had live particles
+    evals = np.zeros(P, dtype=np.int64)
+    resample_steps: list[list[int]] = [[] for _ in range(P)]
+    alpha_prev = 1.0
     bar = tqdm(total=T, desc="power-smc", unit="tok", disable=not progress, leave=False)
 
     for t in range(1, T + 1):
-        steps = t
+        live_groups = np.unique(alive // n)
+        steps[live_groups] = t
         alpha_t = float(schedule(t))
         if alpha_t != alpha_prev:  # exact bridge p^{a_prev} -> p^{a_t} (Sec. 5.3, App. B)
-            log_w += (alpha_t - alpha_prev) * log_p_seq
+            flat_w += (alpha_t - alpha_prev) * log_p_seq
             alpha_prev = alpha_t
         if truncating:
             logp = truncate_logprobs(logp, top_k, top_p)
@@ -124,33 +154,40 @@ def smc_sample(
             tok = torch.multinomial(logq.exp(), 1, generator=gen).squeeze(1)
         lp = logp.gather(1, tok[:, None]).squeeze(1).double()
         lq = logq.gather(1, tok[:, None]).squeeze(1).double()
-        log_w.index_add_(0, alive_dev, alpha_t * lp - lq)  # eq. 8
+        flat_w.index_add_(0, alive_dev, alpha_t * lp - lq)  # eq. 8
         log_p_seq.index_add_(0, alive_dev, lp)
         tokens[alive_dev, t - 1] = tok
         lengths[alive_dev] = t
         finished[alive_dev] = torch.isin(tok, eos)
-        logzt_hist[t - 1] = log_power_normalizer(logp, alpha_t).mean()  # eq. 13
         with record_function("powersmc.weights"):
+            # eq. 13, mean over each prompt's live particles
+            lzt = log_power_normalizer(logp, alpha_t)
+            sums = torch.zeros(P, **f64).index_add_(0, group_dev, lzt)
+            counts = torch.zeros(P, **f64).index_add_(0, group_dev, torch.ones_like(lzt))
+            logzt_hist[:, t - 1] = sums / counts.clamp(min=1)
             ess_t = ess(log_w)
-            ess_hist[t - 1] = ess_t
+            ess_hist[:, t - 1] = ess_t
             fire = ess_t < kappa * n
-            total = torch.logsumexp(log_w, 0)
-            ancestors = torch.where(fire, resample(torch.exp(log_w - total), gen), arange_n)
+            total = torch.logsumexp(log_w, -1)
+            drawn = resample(torch.exp(log_w - total[:, None]), gen)
+            ancestors = (torch.where(fire[:, None], drawn, identity) + offsets).view(-1)
         with record_function("powersmc.sync"):  # the one host sync of this step
-            packed = torch.cat([torch.stack([fire.double(), total]), ancestors.double(),
+            packed = torch.cat([fire.double(), total, ancestors.double(),
                                 finished.double()]).cpu().numpy()
-        if not math.isfinite(packed[1]):
+        if not np.isfinite(packed[P : 2 * P]).all():
             raise DegenerateWeightsError("every particle has weight zero: q misses the target")
-        source = packed[2 : 2 + n].astype(np.int64)
-        fin = packed[2 + n :] > 0.5
-        if packed[0] > 0.5:  # resample (Algorithm 1, lines 17-20)
+        fired = packed[:P] > 0.5
+        source = packed[2 * P : 2 * P + P * n].astype(np.int64)
+        fin = packed[2 * P + P * n :] > 0.5
+        if fired.any():  # resample the systems that asked for it (Algorithm 1, lines 17-20)
             with record_function("powersmc.resample"):
-                log_z += log_mean_weight(log_w)
+                log_z += torch.where(fire, log_mean_weight(log_w), 0.0)
                 tokens, log_p_seq = tokens[ancestors], log_p_seq[ancestors]
                 lengths, finished = lengths[ancestors], finished[ancestors]
-                log_w.zero_()
-                resample_steps.append(t)
-        row_of = np.full(n, -1)
+                log_w.masked_fill_(fire[:, None], 0.0)
+                for g in np.flatnonzero(fired):
+                    resample_steps[g].append(t)
+        row_of = np.full(P * n, -1)
         row_of[alive] = np.arange(alive.size)
         new_alive = np.flatnonzero(~fin[source])
         index = row_of[source[new_alive]]
@@ -162,35 +199,35 @@ def smc_sample(
                 model.reorder(state, torch.from_numpy(index).to(dev))
         alive = new_alive
         alive_dev = torch.from_numpy(alive).to(dev)
+        group_dev = alive_dev // n
         with record_function("powersmc.forward"):
             logp = model.step(state, tokens[alive_dev, t - 1])
-        cost.add_step(alive.size)
+        forward_passes += 1
+        evals += np.bincount(alive // n, minlength=P)
     bar.close()
 
     if alpha_prev != alpha:  # the ramp had not finished: bridge the rest of the way
-        log_w += (alpha - alpha_prev) * log_p_seq
+        flat_w += (alpha - alpha_prev) * log_p_seq
     log_z += log_mean_weight(log_w)
-    total = torch.logsumexp(log_w, 0)
-    chosen = int(torch.multinomial(torch.exp(log_w - total), 1, generator=gen))
-    cost.seconds = time.perf_counter() - start
-    return _result(model, tokens, lengths, finished, log_w, chosen, seed, cost, alpha, n,
-                   ess_hist[:steps], resample_steps, log_z, logzt_hist[:steps])
-
-
-def _result(model, tokens, lengths, finished, log_w, chosen, seed, cost, alpha, n,
-            ess_hist, resample_steps, log_z, logzt_hist) -> SMCResult:
-    """Move everything to the host once and decode each particle's text once."""
-    lens, fin, lw = lengths.tolist(), finished.tolist(), log_w.tolist()
+    total = torch.logsumexp(log_w, -1, keepdim=True)
+    chosen = torch.multinomial(torch.exp(log_w - total), 1, generator=gen).squeeze(1).tolist()
+    seconds = time.perf_counter() - start
+    lens, fin_all, lw = lengths.tolist(), finished.tolist(), flat_w.tolist()
     rows = tokens.tolist()
-    parts = [
-        Particle(rows[i][: lens[i]], model.decode(rows[i][: lens[i]]), lw[i], fin[i])
-        for i in range(n)
-    ]
-    best = parts[chosen]
-    return SMCResult(
-        method="smc", text=best.text, token_ids=best.token_ids, seed=seed, cost=cost,
-        finished=best.finished, particles=parts, ess=ess_hist.tolist(),
-        resample_steps=resample_steps, log_z=float(log_z), log_z_t=logzt_hist.tolist(),
-        alpha=alpha, num_particles=n,
-        stats={"chosen_particle": chosen, "num_resamples": len(resample_steps)},
-    )
+    results = []
+    for g in range(P):
+        cost = Cost(seconds=seconds, forward_passes=forward_passes,
+                    token_evals=int(evals[g]), prefill_tokens=len(prompt_ids[g]))
+        parts = [Particle(rows[i][: lens[i]], model.decode(rows[i][: lens[i]]), lw[i], fin_all[i])
+                 for i in range(g * n, (g + 1) * n)]
+        best = parts[chosen[g]]
+        k = int(steps[g])
+        results.append(SMCResult(
+            method="smc", text=best.text, token_ids=best.token_ids, seed=seed, cost=cost,
+            finished=best.finished, particles=parts, ess=ess_hist[g, :k].tolist(),
+            resample_steps=resample_steps[g], log_z=float(log_z[g]),
+            log_z_t=logzt_hist[g, :k].tolist(), alpha=alpha, num_particles=n,
+            stats={"chosen_particle": chosen[g], "num_resamples": len(resample_steps[g]),
+                   "batch_prompts": P},
+        ))
+    return results
