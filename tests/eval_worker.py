@@ -26,13 +26,13 @@ def _next(prefix):
     return [math.log(rng.random() + 0.05) for _ in range(VOCAB)]
 
 
-def main(out_dir):
+def main(out_dir, batch_prompts=1):
     lm = DigitLM(_next, VOCAB, [10])
     problems = [Problem(f"p{i}", f"{i}+{i}", str(2 * i), "number") for i in range(6)]
     run_eval(lm, problems, methods=["plain", "lowtemp", "smc"], seeds=[0, 1], out_dir=out_dir,
              template="{problem}", alpha=4.0, max_new_tokens=6, options={"particles": 4},
-             progress=False)
+             progress=False, batch_prompts=batch_prompts)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)

@@ -164,3 +164,15 @@ def test_shared_options_never_truncate_smc():
         warnings.simplefilter("error", TruncatedTargetWarning)
         for method in ("smc", "spower", "mh", "plain", "lowtemp"):
             run_method(method, random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0, **opts)
+
+
+def test_shared_options_reach_each_method():
+    """The options a method declares do reach it, also through forwarding entry points."""
+    from powersmc.methods.registry import run_method, run_smc_many
+
+    opts = {"particles": 3, "num_blocks": 2, "candidates": 2, "rollouts": 2, "horizon": 2}
+    r = run_method("smc", random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0, **opts)
+    assert r.num_particles == 3 and len(r.particles) == 3
+    many = run_smc_many(random_lm(), [PROMPT, [2]], alpha=ALPHA, max_new_tokens=3, seed=0,
+                        **opts)
+    assert [len(x.particles) for x in many] == [3, 3]

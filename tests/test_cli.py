@@ -25,6 +25,7 @@ def _cli(*args):
     (["eval", "--dataset", "./missing.jsonl", "--out", "x"], "dataset"),
     (["eval", "--dataset", "builtin", "--methods", "smc,nope", "--out", "x"], "method"),
     (["eval", "--dataset", "builtin", "--seeds", "a", "--out", "x"], "--seeds"),
+    (["eval", "--dataset", "builtin", "--batch-prompts", "0", "--out", "x"], "--batch-prompts"),
     (["report", "/no/such/dir"], "DIR"),
     (["bench", "--batches", "2,4"], "--batches"),
     (["sample"], "--prompt"),

@@ -75,20 +75,25 @@ def test_statistics():
     assert abs(pass_at_k(4, 1, 2) - 0.5) < 1e-12
 
 
-def _run_worker(out, env):
+def _run_worker(out, env, batch=1):
     return subprocess.Popen([sys.executable, str(Path(__file__).parent / "eval_worker.py"),
-                             str(out)], env=env, start_new_session=True)
+                             str(out), str(batch)], env=env, start_new_session=True)
 
 
-def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, batch):
+    """Kill a run mid-way, cut its last line, resume: every result once. Unbatched, the
+    resumed file equals an uninterrupted run's. With Power-SMC batched 3 problems at a time, a
+    resumed batch may hold other problems (so other draws): there the other methods must
+    still be identical and every SMC result must carry its batch."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     ref = tmp_path / "ref"
-    assert _run_worker(ref, env).wait(timeout=300) == 0
+    assert _run_worker(ref, env, batch).wait(timeout=300) == 0
     expected = read_results(ref / "results.jsonl")
     assert len(expected) == 6 * 2 * 3
 
     out = tmp_path / "killed"
-    proc = _run_worker(out, env)
+    proc = _run_worker(out, env, batch)
     deadline = time.time() + 120
     while time.time() < deadline:
         path = out / "results.jsonl"
@@ -101,7 +106,7 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
     assert 7 <= len(partial) < len(expected)
     with (out / "results.jsonl").open("a") as fh:  # simulate a line cut off mid-write
         fh.write('{"problem_id": "p9", "meth')
-    assert _run_worker(out, env).wait(timeout=300) == 0
+    assert _run_worker(out, env, batch).wait(timeout=300) == 0
     got = read_results(out / "results.jsonl")
     keys = [(r["problem_id"], r["method"], r["seed"]) for r in got]
     assert len(keys) == len(set(keys)) == len(expected)
@@ -109,6 +114,13 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
     def strip(r):
         return {k: v for k, v in r.items() if k not in ("seconds", "peak_memory_mb")}
 
+    if batch > 1:
+        smc = [r for r in got if r["method"] == "smc"]
+        assert all(r["problem_id"] in r["batch_problems"] and r["batch_seconds"] >= r["seconds"]
+                   for r in smc)
+        assert max(len(r["batch_problems"]) for r in expected if r["method"] == "smc") == batch
+        got = [r for r in got if r["method"] != "smc"]
+        expected = [r for r in expected if r["method"] != "smc"]
     assert sorted(map(json.dumps, map(strip, got))) == sorted(map(json.dumps, map(strip, expected)))
     text = report(out)
     assert "| smc |" in text and (out / "accuracy_latency.png").stat().st_size > 1000

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--template", default=None,
                    help="karan-du, chat or a file with {problem} (default: chat for chat models)")
     e.add_argument("--out", required=True, help="run directory (re-run to resume)")
+    e.add_argument("--batch-prompts", type=int, default=1,
+                   help="run Power-SMC on this many problems per batch (P x N particles)")
     e.add_argument("--no-progress", action="store_true")
     _model_args(e)
     _sampling_args(e)
@@ -174,6 +176,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not methods:
         raise InputError("--methods", "at least one method", args.methods)
     args.method = methods[0]
+    if args.batch_prompts < 1:
+        raise InputError("--batch-prompts", "an integer >= 1", args.batch_prompts)
     _check_sampling(args)
     problems = load_problems(args.dataset, limit=args.limit, subset=args.subset)
     builtin = args.dataset == "builtin"
@@ -186,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
              alpha=args.alpha, max_new_tokens=args.max_new_tokens, options=method_options(args),
              config_extra={"dataset": args.dataset, "model": args.model or describe(lm),
                            "subset": args.subset, "limit": args.limit},
-             progress=not args.no_progress)
+             progress=not args.no_progress, batch_prompts=args.batch_prompts)
     print(report(args.out))
     return 0
 

@@ -80,10 +80,20 @@ def _fmt(x, spec=".2f", suffix=""):
     return "—" if x is None else f"{x:{spec}}{suffix}"
 
 
+def _batch_note(results: list[dict]) -> list[str]:
+    sizes = [len(r["batch_problems"]) for r in results if "batch_problems" in r]
+    if not sizes:
+        return []
+    return [f"Power-SMC ran up to {max(sizes)} problems per batch (`--batch-prompts`): its "
+            "seconds are the batch's divided by its problems, a throughput figure, not "
+            "single-answer latency.", ""]
+
+
 def markdown(rows: list[dict], results: list[dict], title: str) -> str:
     lines = [f"# {title}", "",
              f"Latency is relative to `{rows[0]['baseline']}` decoding in the same run "
              "(median of per-problem ratios; ratio of totals).", "",
+             *_batch_note(results),
              "| Method | Accuracy (%) | 95% CI | math-verify (%) | Latency (median) | "
              "Latency (total) | Tokens | Token evals | n |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -154,9 +164,11 @@ def report(out_dir: str | Path) -> str:
     cfg = json.loads((out / CONFIG).read_text()) if (out / CONFIG).exists() else {}
     methods = cfg.get("methods") or sorted({r["method"] for r in results})
     rows = summarize(results, methods)
-    title = f"{cfg.get('dataset', out.name)} — {cfg.get('model', '')}, alpha={cfg.get('alpha')}"
+    dataset, model = cfg.get("dataset", out.name), str(cfg.get("model", ""))
+    title = f"{dataset} — {model}, alpha={cfg.get('alpha')}"
     text = markdown(rows, results, title)
     (out / "report.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, out / "accuracy_latency.png", title)
+    short = f"{Path(dataset).name} — {Path(model).name}, alpha={cfg.get('alpha')}"
+    plot(rows, out / "accuracy_latency.png", short)  # paths shortened so the title fits
     return text

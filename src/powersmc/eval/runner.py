@@ -5,6 +5,12 @@ with the same command, the finished (problem, method, seed) keys are read back a
 last line cut off by the kill is dropped, so nothing is lost or duplicated. The methods run
 side by side on each problem with the same derived seed, so per-problem latency ratios compare
 the same work on the same machine state.
+
+With `batch_prompts` = P > 1, Power-SMC runs P problems at a time in one batch of P x N
+particles (`smc_sample_many`); each of its results records the batch wall-clock and, as
+`seconds`, that time divided by the batch's problems (throughput, not single-answer latency).
+The batch seed is derived from its first problem, so a resumed run may batch, and hence
+sample, differently from an uninterrupted one; every result is still an exact Power-SMC draw.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from powersmc.errors import InputError
 from powersmc.eval.data import Problem
 from powersmc.eval.grading import grade
 from powersmc.eval.prompts import render
-from powersmc.methods.registry import check_method, run_method
+from powersmc.methods.registry import check_method, run_method, run_smc_many
 
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
@@ -91,12 +97,15 @@ def run_eval(
     options: dict[str, Any] | None = None,
     config_extra: dict[str, Any] | None = None,
     progress: bool = True,
+    batch_prompts: int = 1,
 ) -> list[dict]:
     """Evaluate `methods` on `problems` for each seed; returns all results (old and new)."""
     for m in methods:
         check_method(m)
     if not seeds:
         raise InputError("--seeds", "at least one seed", seeds)
+    if isinstance(batch_prompts, bool) or not isinstance(batch_prompts, int) or batch_prompts < 1:
+        raise InputError("--batch-prompts", "an integer >= 1", batch_prompts)
     options = dict(options or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,6 +113,8 @@ def run_eval(
               "max_new_tokens": max_new_tokens, "template": template,
               "options": {k: v for k, v in sorted(options.items()) if k != "progress"},
               "problems": [p.id for p in problems], **(config_extra or {})}
+    if batch_prompts > 1:  # absent at 1, so runs made before the option still resume
+        config["batch_prompts"] = batch_prompts
     _check_config(out, config)
     path = out / RESULTS
     results = read_results(path)
@@ -115,43 +126,81 @@ def run_eval(
     total = len(problems) * len(seeds) * len(methods)
     bar = tqdm(total=total, initial=len(done), desc="eval", unit="run", disable=not progress,
                file=sys.stderr)
+
+    def write(rec: dict) -> None:
+        fh.write(json.dumps(rec) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+        results.append(rec)
+        correct[rec["method"]][0] += rec["correct"]
+        correct[rec["method"]][1] += 1
+        bar.update(1)
+        bar.set_postfix_str(" ".join(
+            f"{m}={c / n:.0%}" for m, (c, n) in correct.items() if n))
+
+    batched = "smc" if batch_prompts > 1 else None
     with path.open("a", encoding="utf-8") as fh:
-        for problem in problems:
-            prompt = render(template, problem.question)
+        for first in range(0, len(problems), batch_prompts):
+            chunk = problems[first : first + batch_prompts]
+            prompts = {p.id: render(template, p.question) for p in chunk}
             for seed in seeds:
-                for method in methods:
-                    if (problem.id, method, seed) in done:
-                        continue
-                    rec = _one(model, problem, prompt, method, seed, alpha, max_new_tokens,
-                               options)
-                    fh.write(json.dumps(rec) + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    results.append(rec)
-                    correct[method][0] += rec["correct"]
-                    correct[method][1] += 1
-                    bar.update(1)
-                    bar.set_postfix_str(" ".join(
-                        f"{m}={c / n:.0%}" for m, (c, n) in correct.items() if n))
+                if batched in methods:
+                    todo = [p for p in chunk if (p.id, batched, seed) not in done]
+                    if todo:
+                        for rec in _batch(model, todo, [prompts[p.id] for p in todo], seed,
+                                          alpha, max_new_tokens, options):
+                            write(rec)
+                for problem in chunk:
+                    for method in methods:
+                        if method == batched or (problem.id, method, seed) in done:
+                            continue
+                        write(_one(model, problem, prompts[problem.id], method, seed, alpha,
+                                   max_new_tokens, options))
     bar.close()
     return results
 
 
 def _one(model, problem, prompt, method, seed, alpha, max_new_tokens, options) -> dict:
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
+    _reset_peak_memory(model.device)
     run_seed = derived_seed(seed, problem.id)
     start = time.perf_counter()
     res = run_method(method, model, prompt, alpha=alpha, max_new_tokens=max_new_tokens,
                      seed=run_seed, **options)
     wall = time.perf_counter() - start
+    return _record(model, problem, method, seed, run_seed, res, wall)
+
+
+def _batch(model, problems, prompts, seed, alpha, max_new_tokens, options) -> list[dict]:
+    """Power-SMC on several problems in one batch; per-result seconds are amortised."""
+    _reset_peak_memory(model.device)
+    run_seed = derived_seed(seed, problems[0].id)
+    start = time.perf_counter()
+    out = run_smc_many(model, prompts, alpha=alpha, max_new_tokens=max_new_tokens,
+                       seed=run_seed, **options)
+    wall = time.perf_counter() - start
+    ids = [p.id for p in problems]
+    return [
+        {**_record(model, p, "smc", seed, run_seed, res, wall / len(problems)),
+         "batch_seconds": wall, "batch_problems": ids}
+        for p, res in zip(problems, out, strict=True)
+    ]
+
+
+def _record(model, problem, method, seed, run_seed, res, seconds) -> dict:
     g = grade(res.text, problem.answer, problem.kind)
     return {
         "problem_id": problem.id, "method": method, "seed": seed, "run_seed": run_seed,
         "reference": problem.answer, "answer": res.text, "extracted": g.extracted,
         "correct": g.correct, "correct_math_verify": g.correct_math_verify,
-        "grading_error": g.error, "seconds": wall, "generated_tokens": len(res.token_ids),
+        "grading_error": g.error, "seconds": seconds, "generated_tokens": len(res.token_ids),
         "finished": res.finished, "token_evals": res.cost.token_evals,
         "forward_passes": res.cost.forward_passes, "prefill_tokens": res.cost.prefill_tokens,
         "peak_memory_mb": _peak_memory_mb(model.device), "meta": problem.meta,
     }
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+

@@ -15,7 +15,7 @@ from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import InputError
 from powersmc.methods.decoding import sample
 from powersmc.methods.mh import mh_sample
-from powersmc.methods.smc import smc_sample
+from powersmc.methods.smc import smc_sample, smc_sample_many
 from powersmc.methods.spower import scalable_power_sample
 from powersmc.results import SampleResult
 
@@ -45,7 +45,10 @@ METHODS: dict[str, Callable[..., SampleResult]] = {
     "spower": scalable_power_sample,
     "smc": smc_sample,
 }
-_TARGETS = {"plain": sample, "lowtemp": sample, "greedy": sample, "mh-faithful": mh_sample}
+# Where each method's keyword arguments are declared, when its entry point only forwards them.
+_TARGETS = {"plain": sample, "lowtemp": sample, "greedy": sample, "mh-faithful": mh_sample,
+            "smc": smc_sample_many}
+_FIXED = ("temperature", "greedy", "mode")  # set by the wrappers themselves
 
 
 def check_method(name: str) -> str:
@@ -58,9 +61,19 @@ def run_method(name: str, model: LanguageModel, prompt: Prompt, *, alpha: float,
                max_new_tokens: int, seed: int | None, **options: Any) -> SampleResult:
     """Run method `name` with the shared arguments and whichever `options` it accepts."""
     fn = METHODS[check_method(name)]
-    accepted = inspect.signature(_TARGETS.get(name, fn)).parameters
-    kw = {k: v for k, v in options.items() if k in accepted and v is not None}
-    if name in _TARGETS:  # the wrapper sets these itself
-        for fixed in ("temperature", "greedy", "mode"):
-            kw.pop(fixed, None)
+    kw = _accepted(name, options)
     return fn(model, prompt, alpha=alpha, max_new_tokens=max_new_tokens, seed=seed, **kw)
+
+
+def run_smc_many(model: LanguageModel, prompts: list[Prompt], *, alpha: float,
+                 max_new_tokens: int, seed: int | None, **options: Any) -> list[SampleResult]:
+    """Power-SMC on several prompts in one batch (`smc_sample_many`), same option filtering."""
+    return smc_sample_many(model, prompts, alpha=alpha, max_new_tokens=max_new_tokens,
+                           seed=seed, **_accepted("smc", options))
+
+
+def _accepted(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options method `name` takes (None means: use the method's default)."""
+    accepted = inspect.signature(_TARGETS.get(name, METHODS[name])).parameters
+    return {k: v for k, v in options.items()
+            if k in accepted and v is not None and not (name in _TARGETS and k in _FIXED)}
