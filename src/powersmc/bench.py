@@ -21,7 +21,7 @@ from powersmc import cost
 from powersmc.backends.protocol import LanguageModel
 from powersmc.methods.decoding import sample
 from powersmc.methods.mh import mh_sample
-from powersmc.methods.smc import smc_sample
+from powersmc.methods.smc import smc_sample, smc_sample_many
 
 PROFILE_LABELS = ("forward", "sample", "weights", "sync", "resample", "reorder")
 
@@ -101,6 +101,39 @@ def smc_overhead(lm: LanguageModel, prompt: str | list[int], *, particles: int, 
             "resamples_per_run": statistics.mean(resamples)}
 
 
+# Prompts of different lengths for the several-prompts measurement (the bench prompt comes first).
+OTHER_PROMPTS = (
+    "What is 17 times 23?",
+    "Write a short poem about the sea, in four lines, with a rhyme at the end of each pair.",
+    "List three prime numbers.",
+    "Explain in two sentences what a hash table is and why lookups are fast on average.",
+    "Name the capital of France.",
+    "Describe the water cycle for a ten-year-old, step by step.",
+    "Why do leaves change colour in autumn?",
+)
+
+
+def multi_prompt_gain(lm: LanguageModel, prompts: list[str | list[int]], *, particles: int,
+                      tokens: int, alpha: float, repeats: int) -> dict[str, Any]:
+    """P prompts x N particles in one batch (`smc_sample_many`) against the same P prompts run
+    one after another (`smc_sample`), T forced tokens, alternating rounds: the throughput gain
+    t(sequential) / t(batched), to set beside s(P*N) / s(N) predicted by Lemma 1."""
+    forced, dev = NoEOS(lm), lm.device
+    kw = dict(alpha=alpha, particles=particles, max_new_tokens=tokens)
+    gains, t_seq, t_bat = [], [], []
+    for r in range(repeats + 1):
+        seq, _ = _timed(dev, lambda r=r: [smc_sample(forced, p, seed=r, **kw) for p in prompts])
+        bat, _ = _timed(dev, smc_sample_many, forced, prompts, seed=r, **kw)
+        if r == 0:
+            continue  # warm-up round
+        gains.append(seq / bat)
+        t_seq.append(seq)
+        t_bat.append(bat)
+    return {"prompts": len(prompts), "gain": _spread(gains),
+            "sequential_seconds": statistics.median(t_seq),
+            "batched_seconds": statistics.median(t_bat)}
+
+
 def profile_smc(lm: LanguageModel, prompt: str | list[int], *, particles: int, tokens: int,
                 alpha: float) -> dict[str, float]:
     """Seconds spent under each `powersmc.*` label of smc_sample, and the total."""
@@ -150,8 +183,13 @@ def mh_vs_smc(lm: LanguageModel, prompt: str | list[int], *, particles: int, tok
 
 def run_bench(lm: LanguageModel, prompt: str | list[int], *, particles: int, tokens: int,
               alpha: float, repeats: int, batches: list[int], mh_tokens: int, mh_blocks: int,
-              mh_moves: int, out_dir: str | Path, progress: Callable[[str], None] = print,
-              ) -> dict[str, Any]:
+              mh_moves: int, out_dir: str | Path, prompts: int = 4,
+              several: list[str | list[int]] | None = None,
+              progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every Sec. 6 measurement on `lm`; writes bench.json, bench.md, batch_throughput.png.
+
+    `several`: the prompts of the several-prompts measurement (default: `prompt` and the
+    first `prompts` - 1 of OTHER_PROMPTS)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = lm.encode_prompt(prompt)
@@ -161,6 +199,12 @@ def run_bench(lm: LanguageModel, prompt: str | list[int], *, particles: int, tok
     progress("measuring SMC overhead ...")
     over = smc_overhead(lm, prompt, particles=particles, tokens=tokens, alpha=alpha,
                         repeats=repeats)
+    several = list(several) if several is not None else [prompt, *OTHER_PROMPTS][:prompts]
+    progress(f"{len(several)} prompts in one batch vs one after another ...")
+    many = multi_prompt_gain(lm, several, particles=particles, tokens=tokens, alpha=alpha,
+                             repeats=repeats)
+    pn = len(several) * particles
+    many["predicted_gain"] = s[pn] / s_n if pn in s else None
     progress("profiling one SMC run ...")
     prof = profile_smc(lm, prompt, particles=particles, tokens=tokens, alpha=alpha)
     progress("MH vs SMC ...")
@@ -171,6 +215,7 @@ def run_bench(lm: LanguageModel, prompt: str | list[int], *, particles: int, tok
         "particles": particles, "tokens": tokens, "alpha": alpha, "repeats": repeats,
         "s": s, "smc": over, "predicted_relative_latency": cost.smc_relative_latency(
             particles, s_n), "profile": prof, "mh_vs_smc": mh,
+        "several_prompts": many,
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(markdown(result))
@@ -194,6 +239,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"* SMC latency vs batch-1 decoding: median {rl['median']:.2f}× "
         f"(IQR {rl['q1']:.2f}–{rl['q3']:.2f}); predicted N/s(N) = "
         f"{r['predicted_relative_latency']:.2f}×",
+        _several_line(r["several_prompts"], r["particles"]),
         "",
         "| SMC profile | seconds | share |", "|---|---|---|",
     ]
@@ -213,6 +259,15 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [f"| predicted (Cor. 2-3) | {mh['predicted_mh_token_evals']:.0f} | — | "
               f"{mh['predicted_compute_ratio']:.2f} / {mh['predicted_time_ratio']:.2f} |", ""]
     return "\n".join(lines)
+
+
+def _several_line(m: dict[str, Any], particles: int) -> str:
+    g = m["gain"]
+    pred = ("" if m.get("predicted_gain") is None
+            else f"; predicted s(PN)/s(N) = {m['predicted_gain']:.2f}×")
+    return (f"* {m['prompts']} prompts × N = {particles} in one batch vs one after another: "
+            f"throughput gain median **{g['median']:.2f}×** (IQR {g['q1']:.2f}–{g['q3']:.2f}; "
+            f"{m['sequential_seconds']:.2f} s vs {m['batched_seconds']:.2f} s){pred}")
 
 
 def _plot_s(s: dict[int, float], path: Path) -> None:

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--alpha", type=float, default=4.0)
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--batches", default="1,2,4,8,16,32,64")
+    b.add_argument("--prompts", type=int, default=4,
+                   help="prompts P batched together in the several-prompts measurement")
     b.add_argument("--mh-tokens", type=int, default=32)
     b.add_argument("--mh-blocks", type=int, default=4)
     b.add_argument("--mh-moves", type=int, default=2)
@@ -207,9 +209,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from powersmc.methods import common
 
     common.check_alpha(args.alpha)
-    for name in ("particles", "tokens", "repeats", "mh_tokens", "mh_blocks"):
+    for name in ("particles", "tokens", "repeats", "mh_tokens", "mh_blocks", "prompts"):
         common.check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
     common.check_nonnegative_int("--mh-moves", args.mh_moves)
+    if args.prompts > 8:
+        raise InputError("--prompts", "1 to 8 (the bench's built-in prompts)", args.prompts)
     batches = _int_list("--batches", args.batches)
     if not batches or min(batches) < 1 or 1 not in batches:
         raise InputError("--batches", "comma-separated sizes >= 1 that include 1", args.batches)
@@ -217,7 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run_bench(lm, args.prompt, particles=args.particles, tokens=args.tokens, alpha=args.alpha,
               repeats=args.repeats, batches=batches, mh_tokens=args.mh_tokens,
               mh_blocks=args.mh_blocks, mh_moves=args.mh_moves, out_dir=args.out,
-              progress=lambda m: print(m, file=sys.stderr))
+              prompts=args.prompts, progress=lambda m: print(m, file=sys.stderr))
     print((Path(args.out) / "bench.md").read_text())
     return 0
 
