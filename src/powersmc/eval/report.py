@@ -134,6 +134,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
@@ -144,6 +145,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.errorbar(x, y, yerr=err, fmt="o", capsize=4)
         ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(6, 4))
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g×"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(f"latency relative to {rows[0]['baseline']} (median ratio, log scale)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
