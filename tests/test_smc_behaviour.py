@@ -110,3 +110,17 @@ def test_unknown_model_path():
         load_model("./no/such/model.gguf")
     with pytest.raises(InputError, match="^model:"):
         load_model("/definitely/not/here")
+
+
+def test_log_z_t_is_the_power_normalizer():
+    """log_z_t (eq. 13) under the optimal proposal equals log sum_v p(v)^alpha_t, computed from
+    the incremental weights; with another proposal it is summed over the vocabulary. Step 1:
+    every particle conditions on the prompt alone."""
+    from powersmc.weights import log_power_normalizer
+
+    lm = random_lm()
+    exact = float(log_power_normalizer(lm._logprobs(tuple(PROMPT)), 4.0))
+    for tau in (None, 0.5):
+        r = smc_sample(lm, PROMPT, alpha=4.0, particles=8, max_new_tokens=HORIZON, seed=0,
+                       tau=tau)
+        assert abs(r.log_z_t[0] - exact) < 1e-5

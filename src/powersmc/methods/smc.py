@@ -110,6 +110,9 @@ def smc_sample_many(
     gen, seed = make_generator(seed, model.device)
     schedule = make_schedule(alpha, ramp_tokens, alpha_schedule)
     propose = proposal if proposal is not None else TemperatureProposal(tau)
+    # Under q = p^{alpha_t} / Z_t (Theorem 1) the incremental weight alpha_t lp - lq IS
+    # log Z_t (eq. 13), so the diagnostic costs nothing; other proposals pay a vocab-wide sum.
+    optimal = proposal is None and tau is None
 
     dev, T, P = model.device, max_new_tokens, len(prompt_ids)
     f64 = dict(dtype=torch.float64, device=dev)
@@ -161,7 +164,7 @@ def smc_sample_many(
         finished[alive_dev] = torch.isin(tok, eos)
         with record_function("powersmc.weights"):
             # eq. 13, mean over each prompt's live particles
-            lzt = log_power_normalizer(logp, alpha_t)
+            lzt = alpha_t * lp - lq if optimal else log_power_normalizer(logp, alpha_t)
             sums = torch.zeros(P, **f64).index_add_(0, group_dev, lzt)
             counts = torch.zeros(P, **f64).index_add_(0, group_dev, torch.ones_like(lzt))
             logzt_hist[:, t - 1] = sums / counts.clamp(min=1)
