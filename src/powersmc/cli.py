@@ -205,15 +205,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from powersmc.bench import run_bench
+    from powersmc.bench import OTHER_PROMPTS, run_bench
     from powersmc.methods import common
 
     common.check_alpha(args.alpha)
     for name in ("particles", "tokens", "repeats", "mh_tokens", "mh_blocks", "prompts"):
         common.check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
     common.check_nonnegative_int("--mh-moves", args.mh_moves)
-    if args.prompts > 8:
-        raise InputError("--prompts", "1 to 8 (the bench's built-in prompts)", args.prompts)
+    if args.prompts > 1 + len(OTHER_PROMPTS):
+        raise InputError("--prompts", f"1 to {1 + len(OTHER_PROMPTS)} (the bench's built-in "
+                         "prompts)", args.prompts)
     batches = _int_list("--batches", args.batches)
     if not batches or min(batches) < 1 or 1 not in batches:
         raise InputError("--batches", "comma-separated sizes >= 1 that include 1", args.batches)

@@ -1,6 +1,6 @@
 """Transformers backend: any causal LM that `transformers` loads (hub id, local dir, GGUF file).
 
-One prefill of the prompt at batch 1, expanded to all rows (App. C: the prompt is shared);
+One prefill of the prompt(s), expanded to all rows (App. C: the prompt is shared);
 one cached forward per decode step over the rows still alive; resampling reindexes the cache
 through `kvcache.reorder_cache`. All rows always hold the same number of tokens (finished
 particles leave the batch instead of being padded). With one prompt no attention mask is
@@ -106,16 +106,8 @@ class TransformersLM:
         )
         return torch.log_softmax(out.logits[:, -1, : self.vocab_size].float(), dim=-1)
 
-    @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[int], rows: int) -> tuple[HFState, torch.Tensor]:
-        from transformers import DynamicCache
-
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        logp = self._forward(ids, cache, 0)
-        if rows != 1:
-            cache.batch_repeat_interleave(rows)
-        return HFState(cache, ids.shape[1], ids.shape[1], rows), logp.expand(rows, -1).clone()
+        return self.prefill_many([prompt_ids], rows)
 
     @torch.inference_mode()
     def prefill_many(
@@ -131,14 +123,19 @@ class TransformersLM:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[i, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pad = width - mask.sum(1)
+        ids, pad = ids.to(self.device), None
+        if bool(mask.all()):  # no padding: no mask, one position per step
+            mask = None
+        else:
+            mask = mask.to(self.device)
+            pad = width - mask.sum(1)
         cache = DynamicCache(config=self.model.config)
         logp = self._forward(ids, cache, 0, mask, pad)
         if rows != 1:
             cache.batch_repeat_interleave(rows)
-        state = HFState(cache, width, width, len(prompts) * rows,
-                        mask.repeat_interleave(rows, 0), pad.repeat_interleave(rows, 0))
+        if mask is not None:
+            mask, pad = mask.repeat_interleave(rows, 0), pad.repeat_interleave(rows, 0)
+        state = HFState(cache, width, width, len(prompts) * rows, mask, pad)
         return state, logp.repeat_interleave(rows, 0)
 
     @torch.inference_mode()

@@ -117,10 +117,7 @@ def smc_sample_many(
     dev, T, P = model.device, max_new_tokens, len(prompt_ids)
     f64 = dict(dtype=torch.float64, device=dev)
     start = time.perf_counter()
-    if P == 1:
-        state, logp = model.prefill(prompt_ids[0], n)
-    else:
-        state, logp = model.prefill_many(prompt_ids, n)
+    state, logp = model.prefill_many(prompt_ids, n)
     forward_passes = 1  # the prefill
 
     tokens = torch.zeros((P * n, T), dtype=torch.long, device=dev)
@@ -135,8 +132,7 @@ def smc_sample_many(
     offsets = torch.arange(P, device=dev)[:, None] * n
     identity = torch.arange(n, device=dev).expand(P, n)
     alive = np.arange(P * n)  # host: particle id of each batch row
-    alive_dev = torch.arange(P * n, device=dev)
-    group_dev = alive_dev // n
+    alive_dev, group_dev, sizes, sizes_dev = _live(alive, n, P, dev)
     steps = np.zeros(P, dtype=np.int64)  # last step at which each prompt had live particles
     evals = np.zeros(P, dtype=np.int64)
     resample_steps: list[list[int]] = [[] for _ in range(P)]
@@ -144,8 +140,7 @@ def smc_sample_many(
     bar = tqdm(total=T, desc="power-smc", unit="tok", disable=not progress, leave=False)
 
     for t in range(1, T + 1):
-        live_groups = np.unique(alive // n)
-        steps[live_groups] = t
+        steps[sizes > 0] = t
         alpha_t = float(schedule(t))
         if alpha_t != alpha_prev:  # exact bridge p^{a_prev} -> p^{a_t} (Sec. 5.3, App. B)
             flat_w += (alpha_t - alpha_prev) * log_p_seq
@@ -165,9 +160,7 @@ def smc_sample_many(
         with record_function("powersmc.weights"):
             # eq. 13, mean over each prompt's live particles
             lzt = alpha_t * lp - lq if optimal else log_power_normalizer(logp, alpha_t)
-            sums = torch.zeros(P, **f64).index_add_(0, group_dev, lzt)
-            counts = torch.zeros(P, **f64).index_add_(0, group_dev, torch.ones_like(lzt))
-            logzt_hist[:, t - 1] = sums / counts.clamp(min=1)
+            logzt_hist[:, t - 1] = torch.zeros(P, **f64).index_add_(0, group_dev, lzt) / sizes_dev
             ess_t = ess(log_w)
             ess_hist[:, t - 1] = ess_t
             fire = ess_t < kappa * n
@@ -201,12 +194,11 @@ def smc_sample_many(
             with record_function("powersmc.reorder"):
                 model.reorder(state, torch.from_numpy(index).to(dev))
         alive = new_alive
-        alive_dev = torch.from_numpy(alive).to(dev)
-        group_dev = alive_dev // n
+        alive_dev, group_dev, sizes, sizes_dev = _live(alive, n, P, dev)
         with record_function("powersmc.forward"):
             logp = model.step(state, tokens[alive_dev, t - 1])
         forward_passes += 1
-        evals += np.bincount(alive // n, minlength=P)
+        evals += sizes
     bar.close()
 
     if alpha_prev != alpha:  # the ramp had not finished: bridge the rest of the way
@@ -234,3 +226,12 @@ def smc_sample_many(
                    "batch_prompts": P},
         ))
     return results
+
+
+def _live(alive: np.ndarray, n: int, prompts: int, dev: torch.device):
+    """Batch rows' particle ids on the device, their prompt index, and live rows per prompt
+    (host counts, and on the device clamped to 1 for per-prompt means)."""
+    alive_dev = torch.from_numpy(alive).to(dev)
+    sizes = np.bincount(alive // n, minlength=prompts)
+    sizes_dev = torch.from_numpy(np.maximum(sizes, 1)).to(dev, torch.float64)
+    return alive_dev, alive_dev // n, sizes, sizes_dev
