@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from powersmc import cost
@@ -23,7 +24,8 @@ from powersmc.methods.decoding import sample
 from powersmc.methods.mh import mh_sample
 from powersmc.methods.smc import smc_sample, smc_sample_many
 
-PROFILE_LABELS = ("forward", "sample", "weights", "sync", "resample", "reorder")
+# "model" is the forward pass less "normalize" (the backend's log-softmax), which it contains.
+PROFILE_LABELS = ("model", "normalize", "sample", "weights", "sync", "resample", "reorder")
 
 
 class NoEOS:
@@ -64,7 +66,7 @@ def batch_throughput(lm: LanguageModel, prompt_ids: list[int], batches: list[int
     for b in batches:
         times = []
         for _ in range(repeats):
-            state, logp = lm.prefill(prompt_ids, b)
+            state, logp = lm.prefill(prompt_ids, b, budget=b * (steps + 2))
             tok = logp.argmax(-1)
             lm.step(state, tok)  # warm-up step
             times.append(_timed(lm.device, _decode_steps, lm, state, tok, steps)[0] / steps)
@@ -84,7 +86,7 @@ def smc_overhead(lm: LanguageModel, prompt: str | list[int], *, particles: int, 
     smc_sample / batch-1 decoding, both for T forced tokens, alternating and repeated."""
     forced = NoEOS(lm)
     kw = dict(max_new_tokens=tokens)
-    ratios, rel, resamples = [], [], []
+    ratios, rel, resamples, native, step_ms = [], [], [], [], []
     dev = lm.device
     for r in range(repeats + 1):
         t_smc, res = _timed(dev, smc_sample, forced, prompt, alpha=alpha, particles=particles,
@@ -92,13 +94,51 @@ def smc_overhead(lm: LanguageModel, prompt: str | list[int], *, particles: int, 
         t_batch, _ = _timed(dev, sample, forced, prompt, temperature=1 / alpha,
                             num_samples=particles, seed=r, **kw)
         t_one, _ = _timed(dev, sample, forced, prompt, temperature=1.0, seed=r, **kw)
+        t_native = (_timed(dev, native_sampling, lm, prompt, particles, tokens, alpha, r)[0]
+                    if hasattr(lm, "sample_native") else None)
         if r == 0:
             continue  # warm-up round
         ratios.append(t_smc / t_batch)
         rel.append(t_smc / t_one)
         resamples.append(len(res.resample_steps))
-    return {"overhead": _spread(ratios), "relative_latency": _spread(rel),
-            "resamples_per_run": statistics.mean(resamples)}
+        if t_native is not None:
+            native.append(t_smc / t_native)
+        step_ms.append(1e3 * t_smc / tokens)
+    out = {"overhead": _spread(ratios), "relative_latency": _spread(rel),
+           "resamples_per_run": statistics.mean(resamples), "smc_step_ms": _spread(step_ms)}
+    if native:
+        out["overhead_native"] = _spread(native)
+    return out
+
+
+def native_sampling(lm: Any, prompt: str | list[int], rows: int, tokens: int, alpha: float,
+                    seed: int) -> np.ndarray:
+    """The engine's own batched sampling of `rows` sequences of `tokens` tokens at temperature
+    1/alpha (llama.cpp: its C sampler chain), prompt prefilled once and shared."""
+    ids = lm.encode_prompt(prompt)
+    state, logp = lm.prefill(ids, rows, budget=rows * (tokens + 1))
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.multinomial(torch.softmax(logp * alpha, -1), 1, generator=gen).squeeze(1)
+    return lm.sample_native(state, first, tokens - 1, 1.0 / alpha, seed)
+
+
+def compare_backends(lms: dict[str, LanguageModel], prompt: str | list[int], *, particles: int,
+                     tokens: int, alpha: float, repeats: int) -> dict[str, Any]:
+    """Power-SMC answers (N particles, T forced tokens) on each backend, alternating backends
+    round by round: seconds per answer and per SMC step, and each backend's time relative to
+    the first one's."""
+    times: dict[str, list[float]] = {name: [] for name in lms}
+    for r in range(repeats + 1):
+        for name, lm in lms.items():
+            t, _ = _timed(lm.device, smc_sample, NoEOS(lm), prompt, alpha=alpha,
+                          particles=particles, max_new_tokens=tokens, seed=r)
+            if r > 0:  # round 0 warms up
+                times[name].append(t)
+    first = next(iter(lms))
+    return {name: {"answer_seconds": _spread(ts),
+                   "step_ms": 1e3 * statistics.median(ts) / tokens,
+                   "speedup_of_first": statistics.median(ts) / statistics.median(times[first])}
+            for name, ts in times.items()}
 
 
 # Prompts of different lengths for the several-prompts measurement (the bench prompt comes first).
@@ -150,6 +190,7 @@ def profile_smc(lm: LanguageModel, prompt: str | list[int], *, particles: int, t
     for ev in prof.key_averages():
         if ev.key.startswith("powersmc."):
             out[ev.key.split(".", 1)[1]] = ev.cpu_time_total / 1e6
+    out["model"] = out.get("forward", 0.0) - out.get("normalize", 0.0)
     return out
 
 
@@ -185,11 +226,14 @@ def run_bench(lm: LanguageModel, prompt: str | list[int], *, particles: int, tok
               alpha: float, repeats: int, batches: list[int], mh_tokens: int, mh_blocks: int,
               mh_moves: int, out_dir: str | Path, prompts: int = 4,
               several: list[str | list[int]] | None = None,
+              others: dict[str, LanguageModel] | None = None, name: str = "model",
+              load_seconds: dict[str, float] | None = None,
               progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Every Sec. 6 measurement on `lm`; writes bench.json, bench.md, batch_throughput.png.
 
     `several`: the prompts of the several-prompts measurement (default: `prompt` and the
-    first `prompts` - 1 of OTHER_PROMPTS)."""
+    first `prompts` - 1 of OTHER_PROMPTS). `others`: more backends (by name) whose SMC answer
+    time and profile are measured side by side with `lm` (called `name`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = lm.encode_prompt(prompt)
@@ -207,6 +251,16 @@ def run_bench(lm: LanguageModel, prompt: str | list[int], *, particles: int, tok
     many["predicted_gain"] = s[pn] / s_n if pn in s else None
     progress("profiling one SMC run ...")
     prof = profile_smc(lm, prompt, particles=particles, tokens=tokens, alpha=alpha)
+    backends = None
+    if others:
+        progress("backends side by side ...")
+        backends = compare_backends({name: lm, **others}, prompt, particles=particles,
+                                    tokens=tokens, alpha=alpha, repeats=repeats)
+        for other, olm in others.items():
+            progress(f"profiling one SMC run on {other} ...")
+            backends[other]["profile"] = profile_smc(olm, prompt, particles=particles,
+                                                     tokens=tokens, alpha=alpha)
+        backends[name]["profile"] = prof
     progress("MH vs SMC ...")
     mh = mh_vs_smc(lm, prompt, particles=particles, tokens=mh_tokens, alpha=alpha,
                    blocks=mh_blocks, moves=mh_moves, s_n=s_n)
@@ -215,7 +269,8 @@ def run_bench(lm: LanguageModel, prompt: str | list[int], *, particles: int, tok
         "particles": particles, "tokens": tokens, "alpha": alpha, "repeats": repeats,
         "s": s, "smc": over, "predicted_relative_latency": cost.smc_relative_latency(
             particles, s_n), "profile": prof, "mh_vs_smc": mh,
-        "several_prompts": many,
+        "several_prompts": many, "backend": name, "backends": backends,
+        "load_seconds": load_seconds or {},
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(markdown(result))
@@ -236,6 +291,12 @@ def markdown(r: dict[str, Any]) -> str:
         f"* SMC overhead vs plain batched sampling of N sequences: median **{o['median']:.3f}** "
         f"(IQR {o['q1']:.3f}–{o['q3']:.3f}, min {o['min']:.3f}, max {o['max']:.3f}, "
         f"{o['n']} runs; {r['smc']['resamples_per_run']:.1f} resamples per run)",
+        *([f"* SMC overhead vs the engine's own batched sampling (C sampler chain) of N "
+           f"sequences: median **{r['smc']['overhead_native']['median']:.3f}** (IQR "
+           f"{r['smc']['overhead_native']['q1']:.3f}–{r['smc']['overhead_native']['q3']:.3f})"]
+          if "overhead_native" in r["smc"] else []),
+        f"* Time per SMC step: median {r['smc']['smc_step_ms']['median']:.1f} ms "
+        f"(IQR {r['smc']['smc_step_ms']['q1']:.1f}–{r['smc']['smc_step_ms']['q3']:.1f})",
         f"* SMC latency vs batch-1 decoding: median {rl['median']:.2f}× "
         f"(IQR {rl['q1']:.2f}–{rl['q3']:.2f}); predicted N/s(N) = "
         f"{r['predicted_relative_latency']:.2f}×",
@@ -247,7 +308,13 @@ def markdown(r: dict[str, Any]) -> str:
     for k in PROFILE_LABELS:
         v = r["profile"].get(k, 0.0)
         lines.append(f"| {k} | {v:.3f} | {100 * v / total:.1f}% |")
-    lines += [f"| total (wall) | {total:.3f} | 100% |", "",
+    lines += [f"| total (wall) | {total:.3f} | 100% |", ""]
+    if r.get("backends"):
+        lines += _backends_table(r["backends"], r["tokens"])
+    if r.get("load_seconds"):
+        lines += ["* Model load: " + ", ".join(f"{k} {v:.2f} s"
+                                             for k, v in r["load_seconds"].items()), ""]
+    lines += [
               "| MH vs SMC | token evals | seconds | ratio to SMC (compute / time) |",
               "|---|---|---|---|",
               f"| SMC | {mh['smc_token_evals']} | {mh['smc_seconds']:.2f} | 1 / 1 |"]
@@ -259,6 +326,18 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [f"| predicted (Cor. 2-3) | {mh['predicted_mh_token_evals']:.0f} | — | "
               f"{mh['predicted_compute_ratio']:.2f} / {mh['predicted_time_ratio']:.2f} |", ""]
     return "\n".join(lines)
+
+
+def _backends_table(b: dict[str, Any], tokens: int) -> list[str]:
+    first = next(iter(b))
+    lines = [f"| backend (SMC, T = {tokens}) | seconds per answer (median, IQR) | ms per step | "
+             f"time / {first} | normalize + sample + weights share |", "|---|---|---|---|---|"]
+    for name, v in b.items():
+        a, p = v["answer_seconds"], v["profile"]
+        share = sum(p.get(k, 0.0) for k in ("normalize", "sample", "weights")) / p["total"]
+        lines.append(f"| {name} | {a['median']:.2f} ({a['q1']:.2f}–{a['q3']:.2f}) | "
+                     f"{v['step_ms']:.1f} | {v['speedup_of_first']:.2f} | {100 * share:.1f}% |")
+    return [*lines, ""]
 
 
 def _several_line(m: dict[str, Any], particles: int) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,8 +25,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help="model dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    g.add_argument("--backend", default="auto",
+                   help="auto (llama.cpp for a .gguf on CPU, else transformers), llama.cpp "
+                        "or transformers")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (transformers)")
     g.add_argument("--raw", action="store_true", help="raw text prompts, no chat template")
 
 
@@ -110,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from powersmc.models import load_model
 
-    return load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype,
-                      chat=False if args.raw else None)
+    return load_model(args.model, backend=args.backend, gguf_file=args.gguf_file,
+                      device=args.device, dtype=args.dtype, chat=False if args.raw else None,
+                      threads=args.threads)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -171,7 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from powersmc.eval.report import report
     from powersmc.eval.runner import run_eval
     from powersmc.methods.registry import check_method
-    from powersmc.models import describe
+    from powersmc.models import backend_of, describe
 
     methods = [check_method(m.strip()) for m in args.methods.split(",") if m.strip()]
     seeds = _int_list("--seeds", args.seeds)
@@ -191,6 +197,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_eval(lm, problems, methods=methods, seeds=seeds, out_dir=args.out, template=template,
              alpha=args.alpha, max_new_tokens=args.max_new_tokens, options=method_options(args),
              config_extra={"dataset": args.dataset, "model": args.model or describe(lm),
+                           "backend": backend_of(lm),
                            "subset": args.subset, "limit": args.limit},
              progress=not args.no_progress, batch_prompts=args.batch_prompts)
     print(report(args.out))
@@ -218,11 +225,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     batches = _int_list("--batches", args.batches)
     if not batches or min(batches) < 1 or 1 not in batches:
         raise InputError("--batches", "comma-separated sizes >= 1 that include 1", args.batches)
-    lm = _load(args)
+    from powersmc.models import backend_of
+
+    names = [b.strip() for b in args.backend.split(",") if b.strip()] or ["auto"]
+    lms, load = [], {}
+    for name in names:  # the first backend gets the full bench; the others run beside it
+        args.backend = name
+        start = time.perf_counter()
+        lms.append(_load(args))
+        load[backend_of(lms[-1])] = time.perf_counter() - start
+    lm, others = lms[0], {backend_of(x): x for x in lms[1:]}
     run_bench(lm, args.prompt, particles=args.particles, tokens=args.tokens, alpha=args.alpha,
               repeats=args.repeats, batches=batches, mh_tokens=args.mh_tokens,
               mh_blocks=args.mh_blocks, mh_moves=args.mh_moves, out_dir=args.out,
-              prompts=args.prompts, progress=lambda m: print(m, file=sys.stderr))
+              prompts=args.prompts, others=others, name=backend_of(lm), load_seconds=load,
+              progress=lambda m: print(m, file=sys.stderr))
     print((Path(args.out) / "bench.md").read_text())
     return 0
 

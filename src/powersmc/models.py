@@ -74,26 +74,99 @@ def _source(name_or_path: str | os.PathLike | None, gguf_file: str | None) -> tu
     return name, ({"gguf_file": gguf_file} if gguf_file else {})
 
 
+BACKENDS = ("auto", "llama.cpp", "transformers")
+
+
+def _gguf_location(name_or_path: str | os.PathLike | None, gguf_file: str | None) -> Path | None:
+    """The local .gguf file a model name points to, or None if it names no local GGUF."""
+    if name_or_path is None:
+        return default_gguf_path()
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and gguf_file and (path / gguf_file).is_file():
+        return path / gguf_file
+    return None
+
+
+def choose_backend(name_or_path: str | os.PathLike | None, backend: str, device: torch.device,
+                   gguf_file: str | None = None, dtype: object = None) -> str:
+    """'auto' means llama.cpp for a local .gguf file on CPU with no dtype asked for (it runs the
+    quantised weights natively), Transformers for everything else."""
+    if backend not in BACKENDS:
+        raise InputError("backend", f"one of {', '.join(BACKENDS)}", backend)
+    if backend != "auto":
+        return backend
+    gguf = _gguf_location(name_or_path, gguf_file)
+    native = gguf is not None and device.type == "cpu" and dtype is None
+    if native and importlib.util.find_spec("llama_cpp") is not None:
+        return "llama.cpp"
+    return "transformers"
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
+    backend: str = "auto",
     gguf_file: str | None = None,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
     chat: bool | None = None,
     system_prompt: str | None = None,
-) -> TransformersLM:
-    """Load a causal LM as a `TransformersLM` backend.
+    threads: int | None = None,
+) -> Any:
+    """Load a causal LM as a backend: `LlamaCppLM` (llama.cpp) or `TransformersLM`.
 
     name_or_path: None for the embedded default model; a local directory; a `.gguf` file; or a
-        Hugging Face hub id (downloaded by transformers, so it needs internet). `gguf_file`
-        names the file inside a directory or hub repo holding GGUF weights.
-    dtype: 'float32' (default on CPU), 'bfloat16' (default on CUDA) or 'float16'.
-    chat: use the tokenizer's chat template for text prompts (default: if it has one).
+        Hugging Face hub id (downloaded, so it needs internet). `gguf_file` names the file
+        inside a directory or hub repo holding GGUF weights.
+    backend: 'auto' (default: llama.cpp for a .gguf file on CPU, else Transformers),
+        'llama.cpp' (GGUF files only; quantised weights run natively) or 'transformers'
+        (de-quantises a GGUF into float weights).
+    dtype: Transformers only: 'float32' (default on CPU), 'bfloat16' (default on CUDA), 'float16'.
+    chat: use the model's chat template for text prompts (default: if it has one).
+    threads: CPU threads (default: all cores).
     """
+    dev = resolve_device(device)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise InputError("threads", "an integer >= 1", threads)
+    which = choose_backend(name_or_path, backend, dev, gguf_file, dtype)
+    if which == "llama.cpp":
+        return _load_llamacpp(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt)
+
+
+def _load_llamacpp(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads):
+    from powersmc.backends.llamacpp_lm import LlamaCppLM
+
+    if dtype is not None:
+        raise InputError("dtype", "unset for the llama.cpp backend (it runs the GGUF's own "
+                         "quantised weights)", str(dtype))
+    path = _gguf_location(name_or_path, gguf_file)
+    if path is None and name_or_path is not None and not _looks_like_path(str(name_or_path)) \
+            and gguf_file:
+        from huggingface_hub import hf_hub_download  # a hub repo holding GGUF files
+
+        try:
+            path = Path(hf_hub_download(str(name_or_path), gguf_file))
+        except Exception as exc:  # noqa: BLE001 - any download failure is a bad model name
+            raise InputError("model", f"could not fetch {gguf_file!r} from {name_or_path!r}: "
+                             f"{exc}") from exc
+    if path is None:
+        raise InputError("model", "a .gguf file (or a directory / hub repo with --gguf-file) for "
+                         "the llama.cpp backend; use --backend transformers for other models",
+                         str(name_or_path))
+    return LlamaCppLM(path, threads=threads, chat=chat, system_prompt=system_prompt,
+                      gpu_layers=-1 if dev.type == "cuda" else 0,
+                      name=DEFAULT_MODEL_NAME if name_or_path is None else None)
+
+
+def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt) -> TransformersLM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dev = resolve_device(device)
     if dtype is None:
         torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     elif isinstance(dtype, torch.dtype):
@@ -113,8 +186,16 @@ def load_model(
     return TransformersLM(model, tokenizer, chat=chat, system_prompt=system_prompt)
 
 
+def backend_of(lm: Any) -> str:
+    """The backend name of a loaded model, as `load_model(backend=...)` spells it."""
+    return {"LlamaCppLM": "llama.cpp", "TransformersLM": "transformers"}.get(
+        type(lm).__name__, type(lm).__name__)
+
+
 def describe(lm: Any) -> str:
     """A short name for reports."""
+    if getattr(lm, "name", None):
+        return str(lm.name)
     model = getattr(lm, "model", None)
     path = getattr(getattr(model, "config", None), "_name_or_path", None)
     return str(path) if path else type(lm).__name__

@@ -80,13 +80,14 @@ class FunctionLM:
     def _batch(self, prefixes: list[tuple[int, ...]]) -> torch.Tensor:
         return torch.stack([self._logprobs(p) for p in prefixes])
 
-    def prefill(self, prompt_ids: Sequence[int], rows: int) -> tuple[FunctionState, torch.Tensor]:
+    def prefill(self, prompt_ids: Sequence[int], rows: int, *,
+                budget: int | None = None) -> tuple[FunctionState, torch.Tensor]:
         prompt = tuple(int(i) for i in prompt_ids)
         state = FunctionState([prompt] * rows, [len(prompt)] * rows)
         return state, self._logprobs(prompt).expand(rows, -1).clone()
 
     def prefill_many(
-        self, prompts: Sequence[Sequence[int]], rows: int
+        self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int | None = None
     ) -> tuple[FunctionState, torch.Tensor]:
         ids = [tuple(int(i) for i in p) for p in prompts]
         state = FunctionState([p for p in ids for _ in range(rows)],

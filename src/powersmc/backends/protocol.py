@@ -16,6 +16,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 Prompt = str | Sequence[int]
+# Tokens that end a turn or a document in common chat models; every text backend adds those
+# its vocabulary has to the EOS set, so backends reading the same model share one target.
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 @runtime_checkable
@@ -35,12 +38,16 @@ class LanguageModel(Protocol):
         """Text of generated ids (EOS ids dropped). Called once per result, never per step."""
         ...
 
-    def prefill(self, prompt_ids: Sequence[int], rows: int) -> tuple[Any, torch.Tensor]:
-        """Process the prompt once and share it across `rows` rows; return (state, logprobs)."""
+    def prefill(self, prompt_ids: Sequence[int], rows: int, *,
+                budget: int | None = None) -> tuple[Any, torch.Tensor]:
+        """Process the prompt once and share it across `rows` rows; return (state, logprobs).
+
+        budget: an upper bound on the tokens this state and its forks will hold beyond the
+        prompt, all rows together; backends with a fixed-size cache size it from this."""
         ...
 
     def prefill_many(
-        self, prompts: Sequence[Sequence[int]], rows: int
+        self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int | None = None
     ) -> tuple[Any, torch.Tensor]:
         """Several prompts in one state: rows p*rows .. p*rows+rows-1 continue prompt p.
         Every row's next-token logprobs equal those of `prefill` on its own prompt."""

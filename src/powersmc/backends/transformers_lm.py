@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from powersmc.backends.kvcache import reorder_cache
+from powersmc.backends.protocol import END_TOKENS
 from powersmc.errors import InputError
-
-# Tokens that end a turn or a document in common chat models; added to the EOS set when present.
-_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 @dataclass
@@ -76,7 +75,7 @@ class TransformersLM:
             elif src:
                 ids.update(int(i) for i in src)
         vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in _END_TOKENS if t in vocab)
+        ids.update(vocab[t] for t in END_TOKENS if t in vocab)
         return tuple(sorted(i for i in ids if i < self.vocab_size))
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -104,14 +103,16 @@ class TransformersLM:
             input_ids=ids, past_key_values=cache, position_ids=pos, attention_mask=mask,
             use_cache=True, logits_to_keep=1,
         )
-        return torch.log_softmax(out.logits[:, -1, : self.vocab_size].float(), dim=-1)
+        with record_function("powersmc.normalize"):
+            return torch.log_softmax(out.logits[:, -1, : self.vocab_size].float(), dim=-1)
 
-    def prefill(self, prompt_ids: Sequence[int], rows: int) -> tuple[HFState, torch.Tensor]:
+    def prefill(self, prompt_ids: Sequence[int], rows: int, *,
+                budget: int | None = None) -> tuple[HFState, torch.Tensor]:
         return self.prefill_many([prompt_ids], rows)
 
     @torch.inference_mode()
     def prefill_many(
-        self, prompts: Sequence[Sequence[int]], rows: int
+        self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int | None = None
     ) -> tuple[HFState, torch.Tensor]:
         from transformers import DynamicCache
 

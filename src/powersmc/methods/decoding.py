@@ -38,7 +38,7 @@ def sample(
     gen, seed = make_generator(seed, model.device)
     cost = Cost()
     start = time.perf_counter()
-    state, logp = model.prefill(ids, n)
+    state, logp = model.prefill(ids, n, budget=n * max_new_tokens)
     cost.add_prefill(len(ids))
     out = rollout(model, state, logp, max_new_tokens, temperature_rule(float(temperature)), gen,
                   cost, greedy=greedy)

@@ -84,7 +84,10 @@ def mh_sample(
     block = math.ceil(max_new_tokens / num_blocks)
     cost = Cost()
     start = time.perf_counter()
-    prompt_state, prompt_logp = model.prefill(ids, 1)
+    # the chain and one proposal are alive at once, each at most max_new_tokens long; a
+    # cache that cannot free an old chain's cells at once holds up to half a chain per move
+    budget = (3 + num_blocks * mh_moves // 2) * max_new_tokens
+    prompt_state, prompt_logp = model.prefill(ids, 1, budget=budget)
     cost.add_prefill(len(ids))
     chain: _Chain | None = None
     proposed = accepted = 0

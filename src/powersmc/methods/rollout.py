@@ -15,17 +15,30 @@ import torch
 from powersmc.backends.protocol import LanguageModel
 from powersmc.results import Cost
 
-# logp [rows, V] -> (logp used as the model, logq of the proposal); both normalized.
-TokenRule = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (logp [rows, V], generator, greedy) -> (tokens, log p of each, log q of each); log p is the
+# model's (normalized over the full vocabulary), log q the proposal's that drew the token.
+TokenRule = Callable[[torch.Tensor, torch.Generator | None, bool],
+                     tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def temperature_rule(tau: float, top_k: int | None = None) -> TokenRule:
-    """Sample at temperature tau from the full model (or from its top-k, as a proposal only)."""
-    from powersmc.proposals import truncate_logprobs
+    """Sample at temperature tau from the full model (or from its top-k, as a proposal only).
 
-    def rule(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scaled = torch.log_softmax(logp / tau, -1)
-        return logp, (truncate_logprobs(scaled, top_k=top_k) if top_k else scaled)
+    Greedy takes the argmax (the same token at every temperature)."""
+    from powersmc.proposals import sample_tempered, truncate_logprobs
+
+    def rule(logp: torch.Tensor, gen: torch.Generator | None,
+             greedy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if top_k or greedy:
+            logq = torch.log_softmax(logp / tau, -1)
+            if top_k:
+                logq = truncate_logprobs(logq, top_k=top_k)
+            tok = logq.argmax(-1) if greedy else sample_tempered(logq, 1.0, gen)[0]
+            lq = logq.gather(1, tok[:, None]).squeeze(1).double()
+            return tok, logp.gather(1, tok[:, None]).squeeze(1).double(), lq
+        tok, log_norm = sample_tempered(logp, 1.0 / tau, gen)  # one fused pass (eq. 3)
+        lp = logp.gather(1, tok[:, None]).squeeze(1).double()
+        return tok, lp, lp / tau - log_norm
 
     return rule
 
@@ -69,14 +82,10 @@ def rollout(
     eos = torch.tensor(model.eos_token_ids, dtype=torch.long, device=dev)
     live = torch.arange(rows, device=dev)
     for t in range(max_steps):
-        logp_m, logq = rule(logp)
-        if greedy:
-            tok = logq.argmax(-1)
-        else:
-            tok = torch.multinomial(logq.exp(), 1, generator=generator).squeeze(1)
+        tok, lp, lq = rule(logp, generator, greedy)
         tokens[live, t] = tok
-        lp_all[live, t] = logp_m.gather(1, tok[:, None]).squeeze(1).double()
-        lq_all[live, t] = logq.gather(1, tok[:, None]).squeeze(1).double()
+        lp_all[live, t] = lp
+        lq_all[live, t] = lq
         lengths[live] = t + 1
         done = torch.isin(tok, eos)
         finished[live] = done

@@ -33,7 +33,7 @@ from powersmc.methods.common import (
     eos_tensor,
     make_generator,
 )
-from powersmc.proposals import Proposal, TemperatureProposal, check_truncation, truncate_logprobs
+from powersmc.proposals import Proposal, check_truncation, sample_tempered, truncate_logprobs
 from powersmc.resampling import get_resampler
 from powersmc.results import Cost, Particle, SMCResult
 from powersmc.schedules import Schedule, make_schedule
@@ -109,7 +109,6 @@ def smc_sample_many(
     prompt_ids = [encode_prompt(model, p, max_new_tokens) for p in prompts]
     gen, seed = make_generator(seed, model.device)
     schedule = make_schedule(alpha, ramp_tokens, alpha_schedule)
-    propose = proposal if proposal is not None else TemperatureProposal(tau)
     # Under q = p^{alpha_t} / Z_t (Theorem 1) the incremental weight alpha_t lp - lq IS
     # log Z_t (eq. 13), so the diagnostic costs nothing; other proposals pay a vocab-wide sum.
     optimal = proposal is None and tau is None
@@ -117,7 +116,7 @@ def smc_sample_many(
     dev, T, P = model.device, max_new_tokens, len(prompt_ids)
     f64 = dict(dtype=torch.float64, device=dev)
     start = time.perf_counter()
-    state, logp = model.prefill_many(prompt_ids, n)
+    state, logp = model.prefill_many(prompt_ids, n, budget=P * n * T)
     forward_passes = 1  # the prefill
 
     tokens = torch.zeros((P * n, T), dtype=torch.long, device=dev)
@@ -148,18 +147,16 @@ def smc_sample_many(
         if truncating:
             logp = truncate_logprobs(logp, top_k, top_p)
         with record_function("powersmc.sample"):
-            logq = propose(logp, alpha_t)
-            tok = torch.multinomial(logq.exp(), 1, generator=gen).squeeze(1)
+            tok, incr = _draw(logp, alpha_t, tau, proposal, gen)
         lp = logp.gather(1, tok[:, None]).squeeze(1).double()
-        lq = logq.gather(1, tok[:, None]).squeeze(1).double()
-        flat_w.index_add_(0, alive_dev, alpha_t * lp - lq)  # eq. 8
+        flat_w.index_add_(0, alive_dev, incr)  # eq. 8
         log_p_seq.index_add_(0, alive_dev, lp)
         tokens[alive_dev, t - 1] = tok
         lengths[alive_dev] = t
         finished[alive_dev] = torch.isin(tok, eos)
         with record_function("powersmc.weights"):
             # eq. 13, mean over each prompt's live particles
-            lzt = alpha_t * lp - lq if optimal else log_power_normalizer(logp, alpha_t)
+            lzt = incr if optimal else log_power_normalizer(logp, alpha_t)
             logzt_hist[:, t - 1] = torch.zeros(P, **f64).index_add_(0, group_dev, lzt) / sizes_dev
             ess_t = ess(log_w)
             ess_hist[:, t - 1] = ess_t
@@ -226,6 +223,24 @@ def smc_sample_many(
                    "batch_prompts": P},
         ))
     return results
+
+
+def _draw(logp: torch.Tensor, alpha_t: float, tau: float | None, proposal: Proposal | None,
+          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's next token from the proposal, and its incremental log-weight
+    alpha_t log p - log q (eq. 8), float64. Under the default proposal q = p^alpha_t / Z_t
+    (Theorem 1) that weight is log Z_t, computed in the same pass as the draw."""
+    if proposal is None:
+        inv_tau = alpha_t if tau is None else 1.0 / tau
+        tok, log_norm = sample_tempered(logp, inv_tau, gen)
+        if tau is None:
+            return tok, log_norm
+        lp = logp.gather(1, tok[:, None]).squeeze(1).double()
+        return tok, alpha_t * lp - (inv_tau * lp - log_norm)
+    logq = proposal(logp, alpha_t)
+    tok, _ = sample_tempered(logq, 1.0, gen)
+    lp = logp.gather(1, tok[:, None]).squeeze(1).double()
+    return tok, alpha_t * lp - logq.gather(1, tok[:, None]).squeeze(1).double()
 
 
 def _live(alive: np.ndarray, n: int, prompts: int, dev: torch.device):

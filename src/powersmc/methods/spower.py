@@ -107,7 +107,9 @@ def scalable_power_sample(
     gen, seed = make_generator(seed, model.device)
     cost = Cost()
     start = time.perf_counter()
-    state, logp = model.prefill(ids, 1)
+    # the answer plus one step's K * M rollouts of at most horizon + 1 tokens
+    state, logp = model.prefill(ids, 1,
+                                budget=max_new_tokens + candidates * rollouts * (horizon + 1))
     cost.add_prefill(len(ids))
     tokens: list[int] = []
     log_p, finished = 0.0, False

@@ -1,0 +1,492 @@
+"""llama.cpp backend: GGUF models run natively (quantised weights) through llama-cpp-python.
+
+Built on the low-level API (pinned in pyproject). One llama.cpp context holds every row of a
+state in its unified KV cache, where a cell can belong to several sequences at once:
+
+* `prefill_many` evaluates each prompt once, under one sequence id, then shares its cells with
+  the other rows of that prompt by `llama_memory_seq_cp` (no tensor is copied, nothing is
+  re-evaluated);
+* `step` evaluates one token per row in one `llama_decode`, each row with its own sequence id
+  and position, and reads the logits buffer once as a [rows, V] tensor;
+* `reorder` (resampling, finished rows leaving) keeps a row's sequence where it can, gives a
+  duplicated row a fresh sequence id that shares the ancestor's cells, and removes the
+  sequences no row uses any more (their cells are freed when no sequence holds them);
+* `fork` (MH, Scalable Power Sampling) shares the kept prefix's cells with fresh sequence ids.
+
+Each state owns its sequence ids and releases them when it is garbage-collected, so MH's
+discarded proposals free their cells. The context is sized from the prefill's `budget`
+(tokens the state and its forks will hold beyond the prompts) and reused across runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import record_function
+
+from powersmc.backends.protocol import END_TOKENS
+from powersmc.errors import InputError
+
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
+MIN_CELLS = 4096
+
+
+def _lib():
+    try:
+        import llama_cpp
+    except ImportError as exc:  # pragma: no cover - the package is a core dependency
+        raise InputError("backend", "'transformers': llama-cpp-python is not installed "
+                         "(pip install llama-cpp-python)") from exc
+    return llama_cpp
+
+
+_LOG_TAIL: list[str] = []
+
+
+def _quiet_logs(ll) -> None:
+    """Route llama.cpp's logging into a short buffer (kept for error messages), not stderr."""
+    if getattr(_quiet_logs, "callback", None) is not None:
+        return
+
+    @ll.llama_log_callback
+    def callback(level, text, user_data):
+        _LOG_TAIL.append(text.decode("utf-8", "replace"))
+        del _LOG_TAIL[:-20]
+
+    _quiet_logs.callback = callback  # keep a reference: the C side holds a raw pointer
+    ll.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+class _Context:
+    """One llama.cpp context, its pool of free sequence ids, and safe cell release.
+
+    llama.cpp (0.3.36, CPU) computes wrong attention for a sequence whose new token is placed
+    in a freed cell below one of that sequence's existing cells (measured: log-prob errors
+    of 0.5 and more; tests/test_llamacpp_backend.py). New tokens always go to the lowest free
+    cell, so a freed cell is safe only when it was written after the last write of every
+    sequence still alive. `release` frees a sequence's cells when that holds (MH's rejected
+    proposals, Scalable Power Sampling's rollouts: they are the newest cells) and otherwise
+    parks them under a reserved sequence id (SMC's dropped particles, whose cells interleave
+    with the survivors'), which keeps them occupied; parked cells return when the context is
+    reused by the next run. A write clock per sequence decides which case applies.
+    """
+
+    PARK = MAX_SEQUENCES - 1
+
+    def __init__(self, ll, model, cells: int, threads: int, max_batch: int) -> None:
+        p = ll.llama_context_default_params()
+        p.n_ctx = cells
+        p.n_batch = max_batch
+        p.n_ubatch = min(max_batch, 512)
+        p.n_seq_max = MAX_SEQUENCES
+        p.n_threads = p.n_threads_batch = threads
+        p.kv_unified = True  # cells shared between sequences: what resampling needs
+        p.no_perf = True
+        self.ll, self.cells = ll, cells
+        self.ctx = ll.llama_init_from_model(model, p)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {cells} cells: "
+                               + "".join(_LOG_TAIL[-3:]).strip())
+        self.mem = ll.llama_get_memory(self.ctx)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every sequence and cell (the context is idle)."""
+        self.ll.llama_memory_clear(self.mem, True)
+        self.free = list(range(self.PARK - 1, -1, -1))
+        self.live = 0
+        self.clock = 0
+        self.first = np.full(MAX_SEQUENCES, np.inf)  # clock of a sequence's first own write
+        self.last = np.full(MAX_SEQUENCES, -np.inf)  # clock of the last write it holds
+        self.alive = np.zeros(MAX_SEQUENCES, dtype=bool)
+
+    def take(self, k: int) -> np.ndarray:
+        if k > len(self.free):
+            raise InputError("rows", f"at most {self.PARK} live sequences at once on the "
+                             "llama.cpp backend (llama.cpp's limit)", self.live + k)
+        self.live += k
+        ids = np.array([self.free.pop() for _ in range(k)], dtype=np.int32)
+        self.alive[ids], self.first[ids], self.last[ids] = True, np.inf, -np.inf
+        return ids
+
+    def copy(self, src: int, dst: int, p1: int = -1) -> None:
+        """dst shares src's cells (positions < p1, or all): no tensor is copied."""
+        self.ll.llama_memory_seq_cp(self.mem, src, dst, 0 if p1 >= 0 else -1, p1)
+        self.last[dst] = self.last[src]
+
+    def wrote(self, seqs: np.ndarray) -> None:
+        """Record a decode that wrote one new cell for each of `seqs`."""
+        self.clock += 1
+        self.first[seqs] = np.minimum(self.first[seqs], self.clock)
+        self.last[seqs] = self.clock
+
+    def release(self, seqs: Sequence[int]) -> None:
+        if not len(seqs):
+            return
+        ids = np.asarray(seqs, dtype=np.int64)
+        self.alive[ids] = False
+        newest = self.last[self.alive].max(initial=-np.inf)
+        for s in ids.tolist():
+            if not self.first[s] > newest:  # its cells may sit below a survivor's: park them
+                self.ll.llama_memory_seq_cp(self.mem, s, self.PARK, -1, -1)
+            self.ll.llama_memory_seq_rm(self.mem, s, -1, -1)
+            self.free.append(s)
+        self.live -= len(ids)
+
+    def __del__(self) -> None:
+        ctx, self.ctx = getattr(self, "ctx", None), None
+        if ctx and self.ll.llama_free is not None:  # None at interpreter shutdown
+            self.ll.llama_free(ctx)
+
+
+class _Seqs:
+    """The sequence ids a state holds; released to its context when the state is dropped."""
+
+    def __init__(self, ctx: _Context, ids: np.ndarray) -> None:
+        self.ctx, self.ids = ctx, ids
+
+
+def _release(seqs: _Seqs) -> None:
+    seqs.ctx.release(seqs.ids.tolist())
+    seqs.ids = seqs.ids[:0]
+
+
+@dataclass
+class LlamaState:
+    """Rows of a batch: each row's sequence id, next position, and prompt length."""
+
+    seqs: _Seqs
+    pos: np.ndarray
+    prompt_len: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.pos.size)
+
+
+class _Batch:
+    """A reusable `llama_batch` whose arrays are numpy-owned, filled without Python loops."""
+
+    def __init__(self, ll, capacity: int) -> None:
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        base = self.seq.ctypes.data
+        self.seq_ptrs = np.arange(capacity, dtype=np.uint64) * 4 + np.uint64(base)
+        c = ctypes
+        self.batch = ll.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(c.POINTER(ll.llama_token)),
+            embd=None,
+            pos=self.pos.ctypes.data_as(c.POINTER(ll.llama_pos)),
+            n_seq_id=self.n_seq.ctypes.data_as(c.POINTER(c.c_int32)),
+            seq_id=self.seq_ptrs.ctypes.data_as(c.POINTER(c.POINTER(ll.llama_seq_id))),
+            logits=self.logits.ctypes.data_as(c.POINTER(c.c_int8)),
+        )
+
+
+class LlamaCppLM:
+    """`LanguageModel` over a GGUF file run by llama.cpp (CPU; GPU offload if the build has it).
+
+    Args:
+        path: the .gguf file.
+        threads: CPU threads for every decode (default: all cores).
+        chat: apply the GGUF's chat template to text prompts (default; a GGUF without a
+            template is then an error) or use raw text prompts (False).
+        system_prompt: optional system message for chat prompts.
+        n_ctx: KV cells of the context (default: sized per prefill from its `budget`).
+        gpu_layers: layers to offload when llama-cpp-python was built with a GPU backend
+            (-1: all).
+        name: the model's name in reports (default: the GGUF's general.name).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        threads: int | None = None,
+        chat: bool | None = None,
+        system_prompt: str | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+        n_ctx: int | None = None,
+        gpu_layers: int = 0,
+        name: str | None = None,
+    ) -> None:
+        ll = self.ll = _lib()
+        _quiet_logs(ll)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError("model", "an existing .gguf file", str(path))
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
+            raise InputError("threads", "an integer >= 1", threads)
+        self.threads = threads or os.cpu_count() or 1
+        ll.llama_backend_init()
+        mp = ll.llama_model_default_params()
+        mp.n_gpu_layers = gpu_layers
+        self.model = ll.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not self.model:
+            arch = _gguf_architecture(self.path)
+            raise InputError(
+                "model",
+                f"{self.path} could not be loaded by llama.cpp (llama-cpp-python "
+                f"{ll.__version__}): architecture {arch!r}; supported are the architectures of "
+                "that llama.cpp release (llama, qwen2, mistral, gemma, phi3, ...). "
+                + "".join(_LOG_TAIL[-2:]).strip())
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.vocab_size = int(ll.llama_vocab_n_tokens(self.vocab))
+        self.device = torch.device("cpu")
+        train_ctx = int(ll.llama_model_n_ctx_train(self.model))
+        self.max_context = train_ctx or None
+        self.template = self._meta("tokenizer.chat_template")
+        self.chat = True if chat is None else bool(chat)
+        if self.chat and self.template is None:
+            raise InputError(
+                "chat", f"False (raw text prompts, --raw): {self.path} has no chat template "
+                "(tokenizer.chat_template); chat prompts need a GGUF that carries one", chat)
+        self.system_prompt = system_prompt
+        self.eos_token_ids = (tuple(int(i) for i in eos_token_ids) if eos_token_ids is not None
+                              else self._default_eos())
+        self.n_ctx = n_ctx
+        self.name = name or f"{self._meta('general.name') or self.path.stem} (GGUF, llama.cpp)"
+        self._ctx: _Context | None = None
+        self._batch = _Batch(ll, 512)  # >= MAX_SEQUENCES rows per step; prompt chunk size
+
+    def __del__(self) -> None:
+        self._ctx = None
+        model, self.model = getattr(self, "model", None), None
+        if model and self.ll.llama_model_free is not None:  # None at interpreter shutdown
+            self.ll.llama_model_free(model)
+
+    def _default_eos(self) -> tuple[int, ...]:
+        """The model's EOS and EOT ids and the usual end-of-turn tokens it has: the same set
+        as `TransformersLM` reads from the same file, so both backends share one target."""
+        ids = {int(self.ll.llama_vocab_eos(self.vocab)), int(self.ll.llama_vocab_eot(self.vocab))}
+        for text in END_TOKENS:
+            tok = self._tokenize(text, add_special=False)
+            if len(tok) == 1 and self._token_text(tok[0]) == text:
+                ids.add(tok[0])
+        return tuple(sorted(i for i in ids if 0 <= i < self.vocab_size))
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self.ll.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):  # a long value (chat templates can be long): read it whole
+            buf = ctypes.create_string_buffer(n + 1)
+            self.ll.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    # --- text -----------------------------------------------------------------------------
+
+    def _token_text(self, token_id: int) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = self.ll.llama_token_to_piece(self.vocab, token_id, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+
+    def _tokenize(self, text: str, add_special: bool) -> list[int]:
+        raw = text.encode("utf-8")
+        cap = len(raw) + 16
+        out = (self.ll.llama_token * cap)()
+        n = self.ll.llama_tokenize(self.vocab, raw, len(raw), out, cap, add_special, True)
+        if n < 0:  # pragma: no cover - cap bounds the token count
+            raise RuntimeError("llama.cpp tokenizer overflow")
+        return list(out[:n])
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return [int(i) for i in prompt]
+        if not self.chat:
+            return self._tokenize(prompt, add_special=True)
+        messages = [{"role": "user", "content": prompt}]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return self.encode_chat(messages)
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        """Prompt ids of a chat (OpenAI-style messages) through the GGUF's chat template,
+        rendered with Jinja2 as Transformers renders it, with the generation prompt."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if self.template is None:
+            raise InputError("messages", f"a model with a chat template: {self.path} has none")
+        bos = self.ll.llama_vocab_bos(self.vocab)
+        eos = self.ll.llama_vocab_eos(self.vocab)
+        fmt = Jinja2ChatFormatter(self.template, eos_token=self._token_text(eos) if eos >= 0
+                                  else "", bos_token=self._token_text(bos) if bos >= 0 else "")
+        return self._tokenize(fmt(messages=list(messages)).prompt, add_special=False)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        ids = [int(i) for i in token_ids if int(i) not in self.eos_token_ids]
+        if not ids:
+            return ""
+        arr = (self.ll.llama_token * len(ids))(*ids)
+        cap = 16 * len(ids) + 64
+        buf = ctypes.create_string_buffer(cap)
+        n = self.ll.llama_detokenize(self.vocab, arr, len(ids), buf, cap, False, True)
+        return buf.raw[:n].decode("utf-8", "replace")
+
+    # --- the protocol ---------------------------------------------------------------------
+
+    def _context(self, cells: int) -> _Context:
+        """A context with at least `cells` cells: the cached one if no state still uses it."""
+        cells = int(math.ceil(cells / 256) * 256)
+        ctx = self._ctx
+        if ctx is not None and ctx.live == 0 and ctx.cells >= cells:
+            ctx.reset()
+            return ctx
+        if ctx is not None and ctx.live == 0:  # too small and unused: free it first
+            self._ctx = ctx = None
+        ctx = _Context(self.ll, self.model, cells, self.threads, self._batch.capacity)
+        self._ctx = ctx
+        return ctx
+
+    def _decode(self, ctx: _Context, n: int) -> None:
+        self._batch.batch.n_tokens = n
+        rc = self.ll.llama_decode(ctx.ctx, self._batch.batch)
+        if rc == 1:
+            raise RuntimeError(
+                f"llama.cpp's KV cache is full ({ctx.cells} cells): load the model with a "
+                "larger n_ctx, or use fewer particles / tokens")
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}: "
+                               + "".join(_LOG_TAIL[-2:]).strip())
+
+    def _logprobs(self, ctx: _Context, rows: int) -> torch.Tensor:
+        ptr = self.ll.llama_get_logits(ctx.ctx)
+        raw = np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size))  # zero-copy view
+        with record_function("powersmc.normalize"):
+            return torch.log_softmax(torch.from_numpy(raw), dim=-1)  # one read, one new tensor
+
+    def prefill(self, prompt_ids: Sequence[int], rows: int, *,
+                budget: int | None = None) -> tuple[LlamaState, torch.Tensor]:
+        return self.prefill_many([prompt_ids], rows, budget=budget)
+
+    def prefill_many(self, prompts: Sequence[Sequence[int]], rows: int, *,
+                     budget: int | None = None) -> tuple[LlamaState, torch.Tensor]:
+        """Evaluate each prompt once and share its cells with its `rows` rows.
+
+        budget: tokens the state and its forks will hold beyond the prompts (sizes the
+        context); default: the model's training context per prompt.
+        """
+        total = sum(len(p) for p in prompts)
+        extra = budget if budget is not None else len(prompts) * (self.max_context or 4096)
+        ctx = self._context(self.n_ctx or max(total + extra + 256, MIN_CELLS))
+        seqs = _Seqs(ctx, ctx.take(len(prompts) * rows))
+        state = LlamaState(seqs, np.zeros(seqs.ids.size, dtype=np.int32),
+                           np.repeat([len(p) for p in prompts], rows).astype(np.int32))
+        weakref.finalize(state, _release, seqs)
+        first = seqs.ids[::rows]
+        chunk = self._batch.capacity
+        last = np.zeros((len(prompts), self.vocab_size), dtype=np.float32)
+        # One prompt per llama_decode (in chunks of `chunk` tokens), logits at its last token:
+        # a batch holding several tokens of several sequences gave wrong logits on llama.cpp
+        # 0.3.36 (measured; tests/test_llamacpp_backend.py), one sequence per batch does not.
+        b = self._batch
+        for p, (ids, seq) in enumerate(zip(prompts, first.tolist(), strict=True)):
+            ids = np.asarray(ids, dtype=np.int32)
+            for lo in range(0, ids.size, chunk):
+                n = min(chunk, ids.size - lo)
+                b.token[:n], b.pos[:n] = ids[lo : lo + n], np.arange(lo, lo + n)
+                b.seq[:n], b.n_seq[:n], b.logits[:n] = seq, 1, 0
+                b.logits[n - 1] = lo + n == ids.size
+                self._decode(ctx, n)
+                ctx.wrote(np.array([seq]))
+            ptr = self.ll.llama_get_logits(ctx.ctx)
+            last[p] = np.ctypeslib.as_array(ptr, shape=(1, self.vocab_size))[0]
+        for p, src in enumerate(first.tolist()):
+            for dst in seqs.ids[p * rows + 1 : (p + 1) * rows].tolist():
+                ctx.copy(src, dst)
+        state.pos[:] = state.prompt_len
+        logp = torch.log_softmax(torch.from_numpy(last), dim=-1)
+        return state, logp.repeat_interleave(rows, 0)
+
+    def step(self, state: LlamaState, tokens: torch.Tensor) -> torch.Tensor:
+        n, b = state.rows, self._batch
+        b.token[:n] = tokens.numpy()
+        b.pos[:n] = state.pos
+        b.seq[:n] = state.seqs.ids
+        b.n_seq[:n] = 1
+        b.logits[:n] = 1
+        self._decode(state.seqs.ctx, n)
+        state.seqs.ctx.wrote(state.seqs.ids)
+        state.pos += 1
+        return self._logprobs(state.seqs.ctx, n)
+
+    def reorder(self, state: LlamaState, index: torch.Tensor) -> None:
+        """Row k becomes old row index[k]: a row's first use keeps its sequence, repeats get
+        fresh sequences sharing its cells, and sequences no row uses are removed."""
+        idx = index.cpu().numpy().astype(np.int64)
+        ctx, old = state.seqs.ctx, state.seqs.ids
+        _, first = np.unique(idx, return_index=True)
+        repeat = np.ones(idx.size, dtype=bool)
+        repeat[first] = False
+        new = old[idx].copy()
+        fresh = ctx.take(int(repeat.sum()))
+        for k, dst in zip(np.flatnonzero(repeat).tolist(), fresh.tolist(), strict=True):
+            ctx.copy(int(old[idx[k]]), dst)
+        new[repeat] = fresh
+        unused = np.setdiff1d(old, new[~repeat], assume_unique=True)
+        ctx.release(unused.tolist())
+        state.seqs.ids = new
+        state.pos, state.prompt_len = state.pos[idx], state.prompt_len[idx]
+
+    def fork(self, state: LlamaState, keep: int | None = None) -> LlamaState:
+        ctx = state.seqs.ctx
+        seqs = _Seqs(ctx, ctx.take(state.rows))
+        end = state.pos.copy() if keep is None else state.prompt_len + keep
+        for src, dst, p1 in zip(state.seqs.ids.tolist(), seqs.ids.tolist(), end.tolist(),
+                                strict=True):
+            ctx.copy(src, dst, p1)
+        out = LlamaState(seqs, end.astype(np.int32), state.prompt_len.copy())
+        weakref.finalize(out, _release, seqs)
+        return out
+
+
+    def sample_native(self, state: LlamaState, tokens: torch.Tensor, steps: int,
+                      temperature: float, seed: int) -> np.ndarray:
+        """Feed `tokens` and decode `steps` more tokens per row with llama.cpp's own sampler
+        chain (temperature + dist, in C): the reference that SMC's overhead is measured against
+        in `powersmc bench`. No EOS stop. Returns the sampled ids [rows, steps]."""
+        ll, n, b = self.ll, state.rows, self._batch
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(temperature))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
+        out = np.zeros((n, steps), dtype=np.int32)
+        tok = tokens.numpy().astype(np.int32)
+        try:
+            for t in range(steps):
+                b.token[:n], b.pos[:n], b.seq[:n] = tok, state.pos, state.seqs.ids
+                b.n_seq[:n], b.logits[:n] = 1, 1
+                self._decode(state.seqs.ctx, n)
+                state.seqs.ctx.wrote(state.seqs.ids)
+                state.pos += 1
+                tok = np.array([ll.llama_sampler_sample(chain, state.seqs.ctx.ctx, i)
+                                for i in range(n)], dtype=np.int32)
+                out[:, t] = tok
+        finally:
+            ll.llama_sampler_free(chain)
+        return out
+
+
+def _gguf_architecture(path: Path) -> str | None:
+    """general.architecture of a GGUF file (None if it is not a readable GGUF)."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields.get("general.architecture")
+        return bytes(field.parts[field.data[0]]).decode() if field else None
+    except Exception:  # noqa: BLE001 - any unreadable file: report no architecture
+        return None
