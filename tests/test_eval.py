@@ -139,3 +139,37 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     with pytest.raises(InputError, match="^--out:"):
         run_eval(lm, probs, methods=["plain"], seeds=[0], out_dir=tmp_path, template="{problem}",
                  max_new_tokens=4, progress=False)
+
+
+def test_package_imports_have_no_cycle():
+    """Dependencies point one way: no module of the package imports (even lazily, inside a
+    function) a module that imports it back, directly or through others."""
+    import ast
+
+    root = Path(__file__).parent.parent / "src" / "powersmc"
+    graph = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(("powersmc", *path.relative_to(root).with_suffix("").parts))
+        name = name.removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                    "powersmc"):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("powersmc")}
+        graph[name] = {d for d in deps if d != "powersmc"}
+    state = {}
+
+    def visit(node, stack):
+        if state.get(node) == "done" or node not in graph:
+            return
+        assert state.get(node) != "open", "import cycle: " + " -> ".join([*stack, node])
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            visit(dep, [*stack, node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        visit(node, [])
+    assert "powersmc.eval.data" in graph["powersmc.eval.runner"]
