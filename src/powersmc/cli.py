@@ -35,7 +35,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--particles", type=int, default=16, help="SMC particles N")
     g.add_argument("--ess-threshold", type=float, default=0.5, help="resample when ESS < k*N")
     g.add_argument("--resampler", default="systematic",
-                   help="systematic, multinomial, stratified or residual")
+                   help="systematic, multinomial, stratified, residual or chopthin")
     g.add_argument("--ramp-tokens", type=int, default=0, help="linear alpha-ramp length (0: off)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--mh-blocks", type=int, default=16, help="MH: number of blocks K")

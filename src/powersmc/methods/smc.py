@@ -80,7 +80,8 @@ def smc_sample_many(
         alpha: the power exponent, >= 1.
         particles: N, the number of particles per prompt.
         ess_threshold: kappa; resample a prompt's system when its ESS < kappa * N.
-        resampler: 'systematic' (default), 'multinomial', 'stratified' or 'residual'.
+        resampler: 'systematic' (default), 'multinomial', 'stratified', 'residual' or
+            'chopthin' (Gandy & Lau 2016; not equally weighted afterwards, see `chopthin`).
         ramp_tokens: exact alpha-ramping, linear over this many tokens (0: off; paper: 100).
         alpha_schedule: a user schedule t -> alpha_t (or a list alpha_1, alpha_2, ...); the
             bridge of App. B keeps the final target p^alpha whatever the schedule.
@@ -166,6 +167,7 @@ def smc_sample_many(
             fire = ess_t < kappa * n
             total = torch.logsumexp(log_w, -1)
             drawn = resample(torch.exp(log_w - total[:, None]), gen)
+            drawn, post_w = drawn if isinstance(drawn, tuple) else (drawn, None)  # chopthin
             ancestors = (torch.where(fire[:, None], drawn, identity) + offsets).view(-1)
         with record_function("powersmc.sync"):  # the one host sync of this step
             packed = torch.cat([fire.double(), total, ancestors.double(),
@@ -180,7 +182,10 @@ def smc_sample_many(
                 log_z += torch.where(fire, log_mean_weight(log_w), 0.0)
                 tokens, log_p_seq = tokens[ancestors], log_p_seq[ancestors]
                 lengths, finished = lengths[ancestors], finished[ancestors]
-                log_w.masked_fill_(fire[:, None], 0.0)
+                if post_w is None:  # equally weighted after resampling (line 20)
+                    log_w.masked_fill_(fire[:, None], 0.0)
+                else:  # chopthin: its weights, on the scale of the mean reset into log_z
+                    log_w.copy_(torch.where(fire[:, None], post_w, log_w))
                 for g in np.flatnonzero(fired):
                     resample_steps[g].append(t)
         row_of = np.full(P * n, -1)
