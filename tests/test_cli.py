@@ -19,6 +19,8 @@ def _cli(*args):
     (["sample", "--prompt", "   "], "prompt"),
     (["sample", "--prompt", "hi", "--method", "beam"], "method"),
     (["sample", "--prompt", "hi", "--resampler", "x"], "resampler"),
+    (["sample", "--prompt", "hi", "--rounds", "0"], "rounds"),
+    (["sample", "--prompt", "hi", "--select", "best"], "select"),
     (["sample", "--prompt-file", "/no/such/file"], "--prompt-file"),
     (["sample", "--prompt", "hi", "--model", "./missing.gguf"], "model"),
     (["sample", "--prompt", "hi", "--particles", "many"], "--particles"),

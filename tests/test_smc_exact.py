@@ -154,3 +154,38 @@ def test_chopthin_resampling_is_exact(model):
     assert mean_z(z_hat, 1.0) < z_threshold(len(MODELS))
     print(f"{model}/chopthin: TV(weighted, pi) = {total_variation(est, pi):.4f}, "
           f"max |z| = {worst:.2f}, mean Z_hat/Z = {sum(z_hat) / RUNS:.4f}")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_rounds_evidence_weighted_output_is_exact(model):
+    """rounds=R: the answer drawn in proportion to Z_hat_r * W_r^i and weighted by the combined
+    evidence (1/R) sum_r Z_hat_r is exactly pi_alpha, and that evidence is unbiased."""
+    lm = MODELS[model]()
+    pi, log_z_true = power_distribution(lm, PROMPT, HORIZON, ALPHA)
+    out = _batched_runs(lm, RUNS, particles=4, rounds=3, seed0=70_000)
+    assert all(r.stats["rounds"] == 3 and len(r.particles) == 12 for r in out)
+    assert len({r.stats["round"] for r in out}) == 3
+    z_hat = [math.exp(r.log_z - log_z_true) for r in out]
+    est, worst = weighted_frequency_z([tuple(r.token_ids) for r in out], z_hat, pi)
+    assert worst < z_threshold(num_cells(pi, RUNS) * len(MODELS))
+    assert mean_z(z_hat, 1.0) < z_threshold(len(MODELS))
+    print(f"{model}/rounds=3: TV(weighted, pi) = {total_variation(est, pi):.4f}, "
+          f"max |z| = {worst:.2f}")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_rounds_raw_output_converges(model):
+    """With N = 4 the raw draw of one round is far from pi_alpha; combining 32 rounds by their
+    evidence brings it close enough to pass the goodness-of-fit test."""
+    lm = MODELS[model]()
+    pi, _ = power_distribution(lm, PROMPT, HORIZON, ALPHA)
+    runs, tvs = 1000, {}
+    for r in (1, 32):
+        draws = [tuple(x.token_ids) for x in _batched_runs(lm, runs, particles=4, rounds=r,
+                                                            seed0=20_000)]
+        tvs[r] = total_variation({k: v / runs for k, v in Counter(draws).items()}, pi)
+        if r == 32:
+            _, worst = weighted_frequency_z(draws, [1.0] * runs, pi)
+            assert worst < z_threshold(num_cells(pi, runs) * len(MODELS))
+    print(f"{model}: TV(raw, pi) with N = 4 by rounds = {tvs}")
+    assert tvs[32] < tvs[1] / 2

@@ -37,6 +37,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resampler", default="systematic",
                    help="systematic, multinomial, stratified, residual or chopthin")
     g.add_argument("--ramp-tokens", type=int, default=0, help="linear alpha-ramp length (0: off)")
+    g.add_argument("--rounds", type=int, default=1,
+                   help="SMC: independent particle systems, combined by their evidence")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--mh-blocks", type=int, default=16, help="MH: number of blocks K")
     g.add_argument("--mh-moves", type=int, default=10, help="MH: moves per block M")
@@ -46,13 +48,17 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def method_options(args: argparse.Namespace) -> dict:
-    """Method-specific settings from the CLI, in the samplers' own argument names."""
-    return {
+    """Method-specific settings from the CLI, in the samplers' own argument names. Options
+    added later are left out at their defaults, so runs made before them still resume."""
+    opts = {
         "particles": args.particles, "ess_threshold": args.ess_threshold,
         "resampler": args.resampler, "ramp_tokens": args.ramp_tokens,
         "num_blocks": args.mh_blocks, "mh_moves": args.mh_moves, "candidates": args.candidates,
         "rollouts": args.rollouts, "horizon": args.horizon,
     }
+    if args.rounds != 1:
+        opts["rounds"] = args.rounds
+    return opts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="smc",
                    help="smc, mh, mh-faithful, spower, lowtemp, plain or greedy")
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--select", default="sample",
+                   help="sample (draw one particle) or vote (answer with the most weight)")
     s.add_argument("--json", action="store_true", help="print the result object as JSON")
     s.add_argument("--no-progress", action="store_true")
     e = sub.add_parser("eval", help="evaluate methods on a data set (resumable)")
@@ -134,6 +142,7 @@ def _check_sampling(args: argparse.Namespace) -> None:
     common.check_positive_int("particles", args.particles)
     common.check_ess_threshold(args.ess_threshold)
     common.check_nonnegative_int("ramp_tokens", args.ramp_tokens)
+    common.check_positive_int("rounds", args.rounds)
     common.check_positive_int("max_new_tokens", args.max_new_tokens)
     get_resampler(args.resampler)
     check_method(args.method)
@@ -141,13 +150,15 @@ def _check_sampling(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from powersmc.methods.registry import run_method
+    from powersmc.methods.select import check_select
 
     prompt = _read_prompt(args)
     if not prompt.strip():
         raise InputError("prompt", "a non-empty prompt", prompt)
     _check_sampling(args)
+    check_select(args.select)
     lm = _load(args)
-    opts = method_options(args) | {"progress": not args.no_progress}
+    opts = method_options(args) | {"progress": not args.no_progress, "select": args.select}
     result = run_method(args.method, lm, prompt, alpha=args.alpha,
                         max_new_tokens=args.max_new_tokens, seed=args.seed, **opts)
     if args.json:

@@ -33,6 +33,7 @@ from powersmc.methods.common import (
     eos_tensor,
     make_generator,
 )
+from powersmc.methods.select import AnswerKey, check_select, finish
 from powersmc.proposals import Proposal, TemperatureProposal, check_truncation, truncate_logprobs
 from powersmc.resampling import get_resampler
 from powersmc.results import Cost, Particle, SMCResult
@@ -66,6 +67,9 @@ def smc_sample_many(
     top_k: int | None = None,
     top_p: float | None = None,
     progress: bool = False,
+    rounds: int = 1,
+    select: str = "sample",
+    key: AnswerKey | None = None,
 ) -> list[SMCResult]:
     """Power-SMC for P prompts in one batch of P x N particles: one answer per prompt.
 
@@ -95,6 +99,12 @@ def smc_sample_many(
         top_k, top_p: truncate the MODEL (warned): the target becomes the truncated model's
             power, and weights are exact for that truncated target.
         progress: show a progress bar on stderr.
+        rounds: R independent particle systems per prompt (one batch of P*R*N rows); the answer
+            is drawn with probability proportional to each round's Z_hat times its particle
+            weights, and log_z is the mean of the rounds' Z_hat (`methods.select`).
+        select: 'sample' (default: draw one particle, Algorithm 1 line 23) or 'vote' (the
+            answer with the largest total normalised weight, answers compared by `key`).
+        key: text -> answer (None: no answer) for select='vote'; default the text itself.
 
     Cost per result: `token_evals` and `prefill_tokens` are that prompt's own; `seconds` and
     `forward_passes` are the batch's (the answer is ready when the batch is).
@@ -103,11 +113,13 @@ def smc_sample_many(
     n = check_positive_int("particles", particles)
     kappa = check_ess_threshold(ess_threshold)
     check_nonnegative_int("ramp_tokens", ramp_tokens)
+    check_positive_int("rounds", rounds)
+    check_select(select)
     resample = get_resampler(resampler)
     truncating = check_truncation(top_k, top_p)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise InputError("prompts", "a non-empty list of prompts", prompts)
-    prompt_ids = [encode_prompt(model, p, max_new_tokens) for p in prompts]
+    prompt_ids = [encode_prompt(model, p, max_new_tokens) for p in prompts for _ in range(rounds)]
     gen, seed = make_generator(seed, model.device)
     schedule = make_schedule(alpha, ramp_tokens, alpha_schedule)
     propose = proposal if proposal is not None else TemperatureProposal(tau)
@@ -230,7 +242,7 @@ def smc_sample_many(
             stats={"chosen_particle": chosen[g], "num_resamples": len(resample_steps[g]),
                    "batch_prompts": P},
         ))
-    return results
+    return finish(results, rounds, select, key, gen)
 
 
 def _live(alive: np.ndarray, n: int, prompts: int, dev: torch.device):
