@@ -45,6 +45,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--candidates", type=int, default=8, help="Ji et al.: top-K candidates K")
     g.add_argument("--rollouts", type=int, default=8, help="Ji et al.: rollouts M per candidate")
     g.add_argument("--horizon", type=int, default=192, help="Ji et al.: rollout length")
+    g.add_argument("--bon-samples", type=int, default=None,
+                   help="best-of-N: samples N (default: --particles)")
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -58,6 +60,8 @@ def method_options(args: argparse.Namespace) -> dict:
     }
     if args.rounds != 1:
         opts["rounds"] = args.rounds
+    if args.bon_samples is not None:
+        opts["bon_samples"] = args.bon_samples
     return opts
 
 
@@ -72,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     _sampling_args(s)
     s.add_argument("--method", default="smc",
-                   help="smc, mh, mh-faithful, spower, lowtemp, plain or greedy")
+                   help="smc, mh, mh-faithful, spower, lowtemp, plain, greedy or bon")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--select", default="sample",
                    help="sample (draw one particle) or vote (answer with the most weight)")
@@ -82,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", required=True,
                    help="builtin, math500, gsm8k, a JSONL path or a hub id")
     e.add_argument("--methods", default="plain,lowtemp,mh,spower,smc",
-                   help="comma-separated: smc, mh, mh-faithful, spower, lowtemp, plain, greedy")
+                   help="comma-separated: smc, mh, mh-faithful, spower, lowtemp, plain, greedy, "
+                   "bon")
     e.add_argument("--seeds", default="0", help="comma-separated seeds")
     e.add_argument("--limit", type=int, default=None, help="first N problems (after --subset)")
     e.add_argument("--subset", default=None, help="'i:j', 'level=5', 'subject=Algebra'")
@@ -143,6 +148,8 @@ def _check_sampling(args: argparse.Namespace) -> None:
     common.check_ess_threshold(args.ess_threshold)
     common.check_nonnegative_int("ramp_tokens", args.ramp_tokens)
     common.check_positive_int("rounds", args.rounds)
+    if args.bon_samples is not None:
+        common.check_positive_int("bon_samples", args.bon_samples)
     common.check_positive_int("max_new_tokens", args.max_new_tokens)
     get_resampler(args.resampler)
     check_method(args.method)

@@ -87,3 +87,19 @@ class SMCResult(SampleResult):
     log_z_t: list[float] = field(default_factory=list)
     alpha: float = 1.0
     num_particles: int = 1
+
+
+@dataclass
+class ImportanceResult(SampleResult):
+    """Importance-resampled best-of-N output: N plain samples weighted for pi_alpha.
+
+    particles: every sample with log-weight (alpha - 1) log p(y) (eq. 4 with q = p);
+    log_z: log((1/N) sum_i p(y_i)^(alpha - 1)), whose exp is unbiased for sum_y p(y)^alpha;
+    ess: the effective sample size of the weights (eq. 6).
+    """
+
+    particles: list[Particle] = field(default_factory=list)
+    log_z: float = 0.0
+    ess: float = 0.0
+    alpha: float = 1.0
+    num_particles: int = 1

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
 
 import torch
 
 from powersmc.errors import InputError
-from powersmc.results import Cost, Particle, SMCResult
+from powersmc.results import Cost, ImportanceResult, Particle, SMCResult
 
 SELECTS = ("sample", "vote")
 AnswerKey = Callable[[str], Hashable | None]
+Weighted = TypeVar("Weighted", SMCResult, ImportanceResult)
 TIE_RTOL = 1e-9  # answer totals this close are a tie (sums of the same weights in other orders)
 
 
@@ -111,7 +113,7 @@ def combine_rounds(rounds: Sequence[SMCResult], generator: torch.Generator) -> S
         stats=stats)
 
 
-def apply_select(result: SMCResult, select: str, key: AnswerKey | None = None) -> SMCResult:
+def apply_select(result: Weighted, select: str, key: AnswerKey | None = None) -> Weighted:
     """select='vote': make the voted particle the result's answer (the drawn one stays at
     stats['chosen_particle']; stats['voted_particle'] is None when no particle has an answer,
     and the drawn answer is kept)."""
