@@ -185,6 +185,7 @@ def _int_list(name: str, text: str) -> list[int]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from powersmc.eval.data import load_problems
+    from powersmc.eval.labels import model_label
     from powersmc.eval.prompts import load_template
     from powersmc.eval.report import report
     from powersmc.eval.runner import run_eval
@@ -208,7 +209,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.template or ("chat" if lm.chat else "karan-du"))
     run_eval(lm, problems, methods=methods, seeds=seeds, out_dir=args.out, template=template,
              alpha=args.alpha, max_new_tokens=args.max_new_tokens, options=method_options(args),
-             config_extra={"dataset": args.dataset, "model": args.model or describe(lm),
+             config_extra={"dataset": args.dataset,
+                           "model": args.model or model_label(describe(lm)),
                            "subset": args.subset, "limit": args.limit},
              progress=not args.no_progress, batch_prompts=args.batch_prompts)
     print(report(args.out))
