@@ -144,7 +144,7 @@ def test_batched_unbiased_counts(scheme):
 
 # ---- chopthin (Gandy & Lau 2016): not equally weighted afterwards --------------------------
 
-from powersmc.chopthin import ETA, chopthin  # noqa: E402
+from powersmc.chopthin import ETA, _h_sum, chopthin, threshold  # noqa: E402
 
 
 @settings(max_examples=80, deadline=None)
@@ -158,6 +158,8 @@ def test_chopthin_valid_bounded_and_weight_preserving(values, seed):
     a, log_w = get_resampler("chopthin")(w, torch.Generator().manual_seed(seed))
     assert a.shape == w.shape == log_w.shape and a.dtype == torch.long
     n = w.shape[1]
+    thr = threshold(w, n)  # solves sum_i h_a(w_i) = N (Gandy & Lau's defining equation)
+    assert torch.allclose(_h_sum(w, thr, ETA), torch.full_like(thr, float(n)), rtol=1e-9)
     for row_w, row_a, row_lw in zip(w, a, log_w, strict=True):
         assert (row_a.diff() >= 0).all() and (row_w[row_a] > 0).all()
         new = row_lw.exp() / n

@@ -27,7 +27,9 @@ class Cost:
 
 @dataclass
 class Particle:
-    """One SMC particle at the end of a run."""
+    """One particle (or importance sample) at the end of a run. `log_weight` is unnormalised:
+    the normalised weights are the softmax over the result's particles (with rounds > 1 it
+    includes the particle's round evidence, log Z_hat_r + log W_r^i)."""
 
     token_ids: list[int]
     text: str
