@@ -202,7 +202,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(f"latency relative to {rows[0]['baseline']} (median ratio, log scale)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
