@@ -173,19 +173,19 @@ def test_rounds_evidence_weighted_output_is_exact(model):
           f"max |z| = {worst:.2f}")
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_rounds_raw_output_converges(model):
-    """With N = 4 the raw draw of one round is far from pi_alpha; combining 32 rounds by their
-    evidence brings it close enough to pass the goodness-of-fit test."""
+def test_rounds_raw_output_converges():
+    """With N = 4 the raw draw of one round is far from pi_alpha on the trap model; combining
+    32 rounds by their evidence brings it close enough to pass the goodness-of-fit test."""
+    model = "trap"
     lm = MODELS[model]()
     pi, _ = power_distribution(lm, PROMPT, HORIZON, ALPHA)
-    runs, tvs = 1000, {}
+    runs, tvs = 600, {}
     for r in (1, 32):
         draws = [tuple(x.token_ids) for x in _batched_runs(lm, runs, particles=4, rounds=r,
                                                             seed0=20_000)]
         tvs[r] = total_variation({k: v / runs for k, v in Counter(draws).items()}, pi)
         if r == 32:
             _, worst = weighted_frequency_z(draws, [1.0] * runs, pi)
-            assert worst < z_threshold(num_cells(pi, runs) * len(MODELS))
+            assert worst < z_threshold(num_cells(pi, runs))
     print(f"{model}: TV(raw, pi) with N = 4 by rounds = {tvs}")
     assert tvs[32] < tvs[1] / 2
