@@ -6,7 +6,7 @@ import pytest
 from toy_models import HORIZON, PROMPT, random_lm, trap_lm
 
 from powersmc import InputError, Particle, smc_sample
-from powersmc.methods.select import normalized, weighted_vote
+from powersmc.methods.selection import normalized, weighted_vote
 
 
 def _p(text, lw):

@@ -157,7 +157,7 @@ def _check_sampling(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from powersmc.methods.registry import run_method
-    from powersmc.methods.select import check_select
+    from powersmc.methods.selection import check_select
 
     prompt = _read_prompt(args)
     if not prompt.strip():

@@ -15,7 +15,7 @@ sample, differently from an uninterrupted one; every result is still an exact Po
 Results with weighted particles (Power-SMC, best-of-N) are graded twice: the drawn answer (the
 paper's output: `answer`, `correct`) and the weighted vote over all particles, answers pooled
 by the grader's extraction and normalisation (`voted_answer`, `voted_correct`, ...;
-`methods.select.weighted_vote`), so one run grades both.
+`methods.selection.weighted_vote`), so one run grades both.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from powersmc.eval.grading import answer_key, grade
 from powersmc.eval.labels import model_label
 from powersmc.eval.prompts import render
 from powersmc.methods.registry import check_method, run_method, run_smc_many
-from powersmc.methods.select import normalized, weighted_vote
+from powersmc.methods.selection import normalized, weighted_vote
 from powersmc.models import DEFAULT_MODEL_NAME
 
 RESULTS = "results.jsonl"

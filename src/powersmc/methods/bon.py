@@ -20,7 +20,7 @@ import torch
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.methods.common import check_alpha, check_positive_int, encode_prompt, make_generator
 from powersmc.methods.rollout import rollout, temperature_rule
-from powersmc.methods.select import AnswerKey, apply_select, check_select
+from powersmc.methods.selection import AnswerKey, apply_select, check_select
 from powersmc.results import Cost, ImportanceResult, Particle
 from powersmc.weights import ess, log_mean_weight
 

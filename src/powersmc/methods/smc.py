@@ -33,7 +33,7 @@ from powersmc.methods.common import (
     eos_tensor,
     make_generator,
 )
-from powersmc.methods.select import AnswerKey, check_select, finish
+from powersmc.methods.selection import AnswerKey, check_select, finish
 from powersmc.proposals import Proposal, TemperatureProposal, check_truncation, truncate_logprobs
 from powersmc.resampling import get_resampler
 from powersmc.results import Cost, Particle, SMCResult
@@ -101,7 +101,7 @@ def smc_sample_many(
         progress: show a progress bar on stderr.
         rounds: R independent particle systems per prompt (one batch of P*R*N rows); the answer
             is drawn with probability proportional to each round's Z_hat times its particle
-            weights, and log_z is the mean of the rounds' Z_hat (`methods.select`).
+            weights, and log_z is the mean of the rounds' Z_hat (`methods.selection`).
         select: 'sample' (default: draw one particle, Algorithm 1 line 23) or 'vote' (the
             answer with the largest total normalised weight, answers compared by `key`).
         key: text -> answer (None: no answer) for select='vote'; default the text itself.
