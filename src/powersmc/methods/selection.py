@@ -86,7 +86,7 @@ def combine_rounds(rounds: Sequence[SMCResult], generator: torch.Generator) -> S
     """
     log_zs = torch.tensor([r.log_z for r in rounds], dtype=torch.float64)
     probs = torch.softmax(log_zs, 0)
-    pick = int(torch.multinomial(probs, 1, generator=generator))
+    pick = int(torch.multinomial(probs.to(generator.device), 1, generator=generator))
     parts: list[Particle] = []
     offset = 0
     for i, r in enumerate(rounds):
