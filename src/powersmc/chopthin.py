@@ -98,7 +98,7 @@ def chopthin(w: torch.Tensor, generator: torch.Generator,
     thinned_w = rows / torch.where(incl > 0, incl, torch.ones_like(incl))
     share = torch.where(thin, thinned_w, rows / counts.clamp(min=1).to(rows.dtype))
     flat = torch.arange(b * n, device=rows.device)
-    src = torch.repeat_interleave(flat, counts.view(-1))
+    src = torch.repeat_interleave(flat, counts.view(-1), output_size=b * n)  # no host sync
     ancestors = (src % n).view(w.shape)
     log_w = torch.log(n * share.view(-1)[src]).view(w.shape)
     return ancestors, log_w
