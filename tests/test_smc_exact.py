@@ -124,3 +124,68 @@ def test_several_prompts_in_one_batch_are_each_exact():
         print(f"prompt {prompts[g]}: TV(weighted, pi) = {total_variation(est, pi):.4f}")
     # the three targets differ, so a mix-up between systems could not pass
     assert min(total_variation(targets[0][0], t[0]) for t in targets[1:]) > 0.1
+
+
+def _batched_runs(lm, runs, batch=500, seed0=0, **kw):
+    """`runs` independent Power-SMC runs, `batch` at a time as independent particle systems of
+    one `smc_sample_many` call (each system is an exact run; see the test above)."""
+    from powersmc import smc_sample_many
+
+    out = []
+    for k in range(0, runs, batch):
+        out += smc_sample_many(lm, [PROMPT] * min(batch, runs - k), alpha=ALPHA,
+                               max_new_tokens=HORIZON, seed=seed0 + k, **kw)
+    return out
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_chopthin_resampling_is_exact(model):
+    """resampler='chopthin' leaves particles unequally weighted after resampling; with the
+    weights it returns, the evidence-weighted output is still exactly pi_alpha and exp(log_z)
+    unbiased. kappa = 1 makes it fire whenever the weights are uneven."""
+    lm = MODELS[model]()
+    pi, log_z_true = power_distribution(lm, PROMPT, HORIZON, ALPHA)
+    out = _batched_runs(lm, RUNS, particles=8, resampler="chopthin", ess_threshold=1.0,
+                        seed0=90_000)
+    assert sum(bool(r.resample_steps) for r in out) > RUNS / 2
+    z_hat = [math.exp(r.log_z - log_z_true) for r in out]
+    est, worst = weighted_frequency_z([tuple(r.token_ids) for r in out], z_hat, pi)
+    assert worst < z_threshold(num_cells(pi, RUNS) * len(MODELS))
+    assert mean_z(z_hat, 1.0) < z_threshold(len(MODELS))
+    print(f"{model}/chopthin: TV(weighted, pi) = {total_variation(est, pi):.4f}, "
+          f"max |z| = {worst:.2f}, mean Z_hat/Z = {sum(z_hat) / RUNS:.4f}")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_rounds_evidence_weighted_output_is_exact(model):
+    """rounds=R: the answer drawn in proportion to Z_hat_r * W_r^i and weighted by the combined
+    evidence (1/R) sum_r Z_hat_r is exactly pi_alpha, and that evidence is unbiased."""
+    lm = MODELS[model]()
+    pi, log_z_true = power_distribution(lm, PROMPT, HORIZON, ALPHA)
+    out = _batched_runs(lm, RUNS, particles=4, rounds=3, seed0=70_000)
+    assert all(r.stats["rounds"] == 3 and len(r.particles) == 12 for r in out)
+    assert len({r.stats["round"] for r in out}) == 3
+    z_hat = [math.exp(r.log_z - log_z_true) for r in out]
+    est, worst = weighted_frequency_z([tuple(r.token_ids) for r in out], z_hat, pi)
+    assert worst < z_threshold(num_cells(pi, RUNS) * len(MODELS))
+    assert mean_z(z_hat, 1.0) < z_threshold(len(MODELS))
+    print(f"{model}/rounds=3: TV(weighted, pi) = {total_variation(est, pi):.4f}, "
+          f"max |z| = {worst:.2f}")
+
+
+def test_rounds_raw_output_converges():
+    """With N = 4 the raw draw of one round is far from pi_alpha on the trap model; combining
+    32 rounds by their evidence brings it close enough to pass the goodness-of-fit test."""
+    model = "trap"
+    lm = MODELS[model]()
+    pi, _ = power_distribution(lm, PROMPT, HORIZON, ALPHA)
+    runs, tvs = 600, {}
+    for r in (1, 32):
+        draws = [tuple(x.token_ids) for x in _batched_runs(lm, runs, particles=4, rounds=r,
+                                                            seed0=20_000)]
+        tvs[r] = total_variation({k: v / runs for k, v in Counter(draws).items()}, pi)
+        if r == 32:
+            _, worst = weighted_frequency_z(draws, [1.0] * runs, pi)
+            assert worst < z_threshold(num_cells(pi, runs))
+    print(f"{model}: TV(raw, pi) with N = 4 by rounds = {tvs}")
+    assert tvs[32] < tvs[1] / 2

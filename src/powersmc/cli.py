@@ -40,24 +40,34 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--particles", type=int, default=16, help="SMC particles N")
     g.add_argument("--ess-threshold", type=float, default=0.5, help="resample when ESS < k*N")
     g.add_argument("--resampler", default="systematic",
-                   help="systematic, multinomial, stratified or residual")
+                   help="systematic, multinomial, stratified, residual or chopthin")
     g.add_argument("--ramp-tokens", type=int, default=0, help="linear alpha-ramp length (0: off)")
+    g.add_argument("--rounds", type=int, default=1,
+                   help="SMC: independent particle systems, combined by their evidence")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--mh-blocks", type=int, default=16, help="MH: number of blocks K")
     g.add_argument("--mh-moves", type=int, default=10, help="MH: moves per block M")
     g.add_argument("--candidates", type=int, default=8, help="Ji et al.: top-K candidates K")
     g.add_argument("--rollouts", type=int, default=8, help="Ji et al.: rollouts M per candidate")
     g.add_argument("--horizon", type=int, default=192, help="Ji et al.: rollout length")
+    g.add_argument("--bon-samples", type=int, default=None,
+                   help="best-of-N: samples N (default: --particles)")
 
 
 def method_options(args: argparse.Namespace) -> dict:
-    """Method-specific settings from the CLI, in the samplers' own argument names."""
-    return {
+    """Method-specific settings from the CLI, in the samplers' own argument names. Options
+    added later are left out at their defaults, so runs made before them still resume."""
+    opts = {
         "particles": args.particles, "ess_threshold": args.ess_threshold,
         "resampler": args.resampler, "ramp_tokens": args.ramp_tokens,
         "num_blocks": args.mh_blocks, "mh_moves": args.mh_moves, "candidates": args.candidates,
         "rollouts": args.rollouts, "horizon": args.horizon,
     }
+    if args.rounds != 1:
+        opts["rounds"] = args.rounds
+    if args.bon_samples is not None:
+        opts["bon_samples"] = args.bon_samples
+    return opts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,15 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     _sampling_args(s)
     s.add_argument("--method", default="smc",
-                   help="smc, mh, mh-faithful, spower, lowtemp, plain or greedy")
+                   help="smc, mh, mh-faithful, spower, lowtemp, plain, greedy or bon")
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--select", default="sample",
+                   help="sample (draw one particle) or vote (answer with the most weight)")
     s.add_argument("--json", action="store_true", help="print the result object as JSON")
     s.add_argument("--no-progress", action="store_true")
     e = sub.add_parser("eval", help="evaluate methods on a data set (resumable)")
     e.add_argument("--dataset", required=True,
                    help="builtin, math500, gsm8k, a JSONL path or a hub id")
     e.add_argument("--methods", default="plain,lowtemp,mh,spower,smc",
-                   help="comma-separated: smc, mh, mh-faithful, spower, lowtemp, plain, greedy")
+                   help="comma-separated: smc, mh, mh-faithful, spower, lowtemp, plain, greedy, "
+                   "bon")
     e.add_argument("--seeds", default="0", help="comma-separated seeds")
     e.add_argument("--limit", type=int, default=None, help="first N problems (after --subset)")
     e.add_argument("--subset", default=None, help="'i:j', 'level=5', 'subject=Algebra'")
@@ -140,6 +153,9 @@ def _check_sampling(args: argparse.Namespace) -> None:
     common.check_positive_int("particles", args.particles)
     common.check_ess_threshold(args.ess_threshold)
     common.check_nonnegative_int("ramp_tokens", args.ramp_tokens)
+    common.check_positive_int("rounds", args.rounds)
+    if args.bon_samples is not None:
+        common.check_positive_int("bon_samples", args.bon_samples)
     common.check_positive_int("max_new_tokens", args.max_new_tokens)
     get_resampler(args.resampler)
     check_method(args.method)
@@ -147,13 +163,15 @@ def _check_sampling(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from powersmc.methods.registry import run_method
+    from powersmc.methods.selection import check_select
 
     prompt = _read_prompt(args)
     if not prompt.strip():
         raise InputError("prompt", "a non-empty prompt", prompt)
     _check_sampling(args)
+    check_select(args.select)
     lm = _load(args)
-    opts = method_options(args) | {"progress": not args.no_progress}
+    opts = method_options(args) | {"progress": not args.no_progress, "select": args.select}
     result = run_method(args.method, lm, prompt, alpha=args.alpha,
                         max_new_tokens=args.max_new_tokens, seed=args.seed, **opts)
     if args.json:
@@ -173,6 +191,7 @@ def _int_list(name: str, text: str) -> list[int]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from powersmc.eval.data import load_problems
+    from powersmc.eval.labels import model_label
     from powersmc.eval.prompts import load_template
     from powersmc.eval.report import report
     from powersmc.eval.runner import run_eval
@@ -196,7 +215,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.template or ("chat" if lm.chat else "karan-du"))
     run_eval(lm, problems, methods=methods, seeds=seeds, out_dir=args.out, template=template,
              alpha=args.alpha, max_new_tokens=args.max_new_tokens, options=method_options(args),
-             config_extra={"dataset": args.dataset, "model": args.model or describe(lm),
+             config_extra={"dataset": args.dataset,
+                           "model": args.model or model_label(describe(lm)),
                            "backend": backend_of(lm),
                            "subset": args.subset, "limit": args.limit},
              progress=not args.no_progress, batch_prompts=args.batch_prompts)

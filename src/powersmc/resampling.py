@@ -10,6 +10,10 @@ filtering"; Johansen (2009), the tutorial cited in the paper.
 Numerics: cumulative sums are scaled by their own last entry, so float round-off can never
 leave a position beyond the end, and `searchsorted(..., right=True)` never selects a
 zero-weight particle (its cumulative sum equals its predecessor's).
+
+`chopthin` (module `powersmc.chopthin`) is the one scheme whose output is not equally
+weighted: it returns (ancestors, new log-weights), and the SMC loop sets the resampled
+particles' log-weights from it instead of resetting them to zero (`WEIGHTED_RESAMPLERS`).
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from collections.abc import Callable
 
 import torch
 
+from powersmc.chopthin import chopthin
 from powersmc.errors import InputError
 
 Resampler = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+# (normalised weights, generator) -> (ancestors, log(N * new normalised-scale weights))
+WeightedResampler = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _rows(w: torch.Tensor) -> torch.Tensor:
@@ -96,11 +103,13 @@ RESAMPLERS: dict[str, Resampler] = {
     "stratified": stratified,
     "residual": residual,
 }
+WEIGHTED_RESAMPLERS: dict[str, WeightedResampler] = {"chopthin": chopthin}
 
 
-def get_resampler(name: str) -> Resampler:
-    """Look up a resampling scheme by name."""
-    try:
-        return RESAMPLERS[name]
-    except KeyError:
-        raise InputError("resampler", f"one of {', '.join(RESAMPLERS)}", name) from None
+def get_resampler(name: str) -> Resampler | WeightedResampler:
+    """Look up a resampling scheme by name (a `WeightedResampler` for 'chopthin')."""
+    found = RESAMPLERS.get(name) or WEIGHTED_RESAMPLERS.get(name)
+    if found is None:
+        names = ", ".join([*RESAMPLERS, *WEIGHTED_RESAMPLERS])
+        raise InputError("resampler", f"one of {names}", name)
+    return found

@@ -27,7 +27,9 @@ class Cost:
 
 @dataclass
 class Particle:
-    """One SMC particle at the end of a run."""
+    """One particle (or importance sample) at the end of a run. `log_weight` is unnormalised:
+    the normalised weights are the softmax over the result's particles (with rounds > 1 it
+    includes the particle's round evidence, log Z_hat_r + log W_r^i)."""
 
     token_ids: list[int]
     text: str
@@ -85,5 +87,21 @@ class SMCResult(SampleResult):
     resample_steps: list[int] = field(default_factory=list)
     log_z: float = 0.0
     log_z_t: list[float] = field(default_factory=list)
+    alpha: float = 1.0
+    num_particles: int = 1
+
+
+@dataclass
+class ImportanceResult(SampleResult):
+    """Importance-resampled best-of-N output: N plain samples weighted for pi_alpha.
+
+    particles: every sample with log-weight (alpha - 1) log p(y) (eq. 4 with q = p);
+    log_z: log((1/N) sum_i p(y_i)^(alpha - 1)), whose exp is unbiased for sum_y p(y)^alpha;
+    ess: the effective sample size of the weights (eq. 6).
+    """
+
+    particles: list[Particle] = field(default_factory=list)
+    log_z: float = 0.0
+    ess: float = 0.0
     alpha: float = 1.0
     num_particles: int = 1

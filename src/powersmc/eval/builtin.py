@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from powersmc.eval.data import Problem
+from powersmc.eval.problem import Problem
 
 SIZE = 120
 SEED = 20260

@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from powersmc.errors import InputError
+from powersmc.eval.builtin import builtin_problems
 from powersmc.eval.grading import gsm8k_reference
+from powersmc.eval.problem import Problem
 
 HF_IDS = {"math500": ("HuggingFaceH4/MATH-500", "test"), "gsm8k": ("openai/gsm8k", "test")}
 
-
-@dataclass
-class Problem:
-    """One problem: `kind` is 'math' (boxed answer, MATH grading) or 'number' (GSM8K-style)."""
-
-    id: str
-    question: str
-    answer: str
-    kind: str
-    meta: dict = field(default_factory=dict)
+__all__ = ["Problem", "apply_subset", "load_problems"]
 
 
 def _from_record(rec: dict, index: int) -> Problem:
@@ -64,8 +56,6 @@ def load_problems(dataset: str, *, limit: int | None = None,
     hub. subset: 'i:j' index range, 'level=5', 'subject=Algebra' (comma-separated, AND-ed).
     limit: keep the first N after filtering.
     """
-    from powersmc.eval.builtin import builtin_problems
-
     if dataset == "builtin":
         problems = builtin_problems()
     else:

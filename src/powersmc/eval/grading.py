@@ -187,6 +187,30 @@ def grade(answer: str, reference: str, kind: str) -> GradeResult:
         return GradeResult(None, False, None, error=f"{type(exc).__name__}: {exc}")
 
 
+def _canonical_number(text: str | None) -> str | None:
+    try:
+        return None if text is None else f"{float(text):.12g}"
+    except ValueError:
+        return None
+
+
+def answer_key(answer: str, kind: str) -> str | None:
+    """The answer `grade` would extract from `answer`, normalised so that equal answers are
+    equal strings (None: no answer). Used to pool particles by answer for the weighted vote;
+    MATH answers are compared after `normalize`, without sympy (fast, slightly stricter)."""
+    try:
+        if kind == "math":
+            box = last_boxed(answer)
+            return None if box is None else normalize(box)
+        if kind == "first-number":
+            nums = _NUMBER.findall(answer)
+            return _canonical_number(nums[0].replace(",", "").rstrip(".")) if nums else None
+        box = last_boxed(answer)
+        return _canonical_number(last_number(box if box is not None else answer))
+    except Exception:  # never crash on a malformed answer: it has no answer
+        return None
+
+
 def gsm8k_reference(solution: str) -> str:
     """The number after '####' in a GSM8K solution, commas removed."""
     return solution.split("####")[-1].strip().replace(",", "")

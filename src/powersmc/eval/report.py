@@ -2,8 +2,12 @@
 
 Accuracy is pass@1 over all (problem, seed) results with a 95% Wilson interval. Latency is
 relative to the baseline method ('plain' if present, else the first method) in the same run:
-the median of per-(problem, seed) ratios and the ratio of total wall-clock times. With several
-seeds, pass@k (unbiased estimator of Chen et al. 2021) is reported for k = 1..#seeds.
+the median of per-(problem, seed) ratios and the ratio of total wall-clock times, each with a
+95% paired bootstrap interval. With several seeds, pass@k (unbiased estimator of Chen et al.
+2021) is reported for k = 1..#seeds. Every pair of methods is compared on their common
+(problem, seed) results: exact McNemar test and a paired bootstrap interval of the accuracy
+difference (`eval.paired`). Results that carry a weighted vote (`voted_correct`: Power-SMC,
+best-of-N) also count as their own method 'NAME (vote)', with the same latency.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from statistics import median
 
 from powersmc.errors import InputError
+from powersmc.eval.labels import dataset_label, model_label
+from powersmc.eval.paired import compare, latency_ratios
 from powersmc.eval.runner import CONFIG, RESULTS, read_results
 
 Z95 = 1.959963984540054
@@ -38,6 +43,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+VOTE = " (vote)"
+
+
+def with_votes(results: list[dict], methods: list[str]) -> tuple[list[dict], list[str]]:
+    """Add a 'NAME (vote)' result for every result graded on its weighted vote too (rows
+    written before the vote existed have none, and report as before)."""
+    votes = [{**r, "method": r["method"] + VOTE, "answer": r["voted_answer"],
+              "extracted": r["voted_extracted"], "correct": r["voted_correct"],
+              "correct_math_verify": r["voted_correct_math_verify"]}
+             for r in results if "voted_correct" in r]
+    voted = {r["method"] for r in votes}
+    order = [x for m in methods for x in (m, m + VOTE) if x == m or x in voted]
+    return results + votes, order
+
+
 def summarize(results: list[dict], methods: list[str]) -> list[dict]:
     by = defaultdict(dict)
     for r in results:
@@ -50,12 +70,9 @@ def summarize(results: list[dict], methods: list[str]) -> list[dict]:
             continue
         k = sum(r["correct"] for r in rs)
         mv = [r["correct_math_verify"] for r in rs if r["correct_math_verify"] is not None]
-        ratios, tot_m, tot_b = [], 0.0, 0.0
-        for key, r in by[m].items():
-            b = by[base].get(key)
-            if b is not None and b["seconds"] > 0:
-                ratios.append(r["seconds"] / b["seconds"])
-                tot_m, tot_b = tot_m + r["seconds"], tot_b + b["seconds"]
+        timed = sorted(k for k, b in by[base].items() if k in by[m] and b["seconds"] > 0)
+        lat = latency_ratios([by[m][k]["seconds"] for k in timed],
+                             [by[base][k]["seconds"] for k in timed], timed) if timed else {}
         per_problem = defaultdict(list)
         for r in rs:
             per_problem[r["problem_id"]].append(r["correct"])
@@ -65,19 +82,51 @@ def summarize(results: list[dict], methods: list[str]) -> list[dict]:
         rows.append({
             "method": m, "n": len(rs), "accuracy": k / len(rs), "ci95": wilson(k, len(rs)),
             "accuracy_math_verify": (sum(mv) / len(mv)) if mv else None,
-            "latency_median_ratio": median(ratios) if ratios else None,
-            "latency_total_ratio": tot_m / tot_b if tot_b else None,
+            "latency_median_ratio": lat.get("median"),
+            "latency_median_ci95": lat.get("median_ci95"),
+            "latency_total_ratio": lat.get("total"),
+            "latency_total_ci95": lat.get("total_ci95"),
             "mean_tokens": sum(r["generated_tokens"] for r in rs) / len(rs),
             "mean_token_evals": sum(r["token_evals"] for r in rs) / len(rs),
             "mean_seconds": sum(r["seconds"] for r in rs) / len(rs),
             "pass_at_k": passk, "baseline": base,
             "grading_errors": sum(bool(r.get("grading_error")) for r in rs),
+            "paired": {o: c for o in methods if o != m and by[o]
+                       and (c := compare(by[m], by[o])) is not None},
         })
     return rows
 
 
 def _fmt(x, spec=".2f", suffix=""):
     return "—" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _ratio(x, ci) -> str:
+    """'1.64× (1.50–1.80)': a latency ratio and its bootstrap interval."""
+    if x is None:
+        return "—"
+    return f"{x:.2f}×" + ("" if ci is None else f" ({ci[0]:.2f}–{ci[1]:.2f})")
+
+
+def _paired_table(rows: list[dict]) -> list[str]:
+    """Each unordered pair of methods once: McNemar and the accuracy difference A - B."""
+    lines = ["## Paired comparisons", "",
+             "Same problems and seeds. Exact McNemar test on the discordant pairs; accuracy "
+             "difference A − B with a 95% paired bootstrap interval (problems resampled, "
+             "2000 resamples, seed 0).", "",
+             "| A | B | pairs | only A right | only B right | McNemar p | A − B (pts) | 95% CI |",
+             "|---|---|---|---|---|---|---|---|"]
+    order = [r["method"] for r in rows]
+    for r in rows:
+        for other, c in r["paired"].items():
+            if order.index(other) <= order.index(r["method"]):
+                continue
+            lo, hi = c["ci95"]
+            lines.append(
+                f"| {r['method']} | {other} | {c['n']} | {c['a_only']} | {c['b_only']} | "
+                f"{c['p_value']:.3g} | {100 * c['difference']:+.1f} | "
+                f"{100 * lo:+.1f} to {100 * hi:+.1f} |")
+    return lines
 
 
 def _batch_note(results: list[dict]) -> list[str]:
@@ -92,7 +141,8 @@ def _batch_note(results: list[dict]) -> list[str]:
 def markdown(rows: list[dict], results: list[dict], title: str) -> str:
     lines = [f"# {title}", "",
              f"Latency is relative to `{rows[0]['baseline']}` decoding in the same run "
-             "(median of per-problem ratios; ratio of totals).", "",
+             "(median of per-problem ratios; ratio of totals), with 95% paired bootstrap "
+             "intervals.", "",
              *_batch_note(results),
              "| Method | Accuracy (%) | 95% CI | math-verify (%) | Latency (median) | "
              "Latency (total) | Tokens | Token evals | n |",
@@ -102,9 +152,9 @@ def markdown(rows: list[dict], results: list[dict], title: str) -> str:
         mv = None if r["accuracy_math_verify"] is None else 100 * r["accuracy_math_verify"]
         lines.append(
             f"| {r['method']} | {100 * r['accuracy']:.1f} | {100 * lo:.1f}–{100 * hi:.1f} | "
-            f"{_fmt(mv, '.1f')} | {_fmt(r['latency_median_ratio'], '.2f', '×')} | "
-            f"{_fmt(r['latency_total_ratio'], '.2f', '×')} | {r['mean_tokens']:.0f} | "
-            f"{r['mean_token_evals']:.0f} | {r['n']} |")
+            f"{_fmt(mv, '.1f')} | {_ratio(r['latency_median_ratio'], r['latency_median_ci95'])} "
+            f"| {_ratio(r['latency_total_ratio'], r['latency_total_ci95'])} | "
+            f"{r['mean_tokens']:.0f} | {r['mean_token_evals']:.0f} | {r['n']} |")
     if any(len(r["pass_at_k"]) > 1 for r in rows):
         ks = sorted(set().union(*(r["pass_at_k"] for r in rows)))
         lines += ["", "| Method | " + " | ".join(f"pass@{k}" for k in ks) + " |",
@@ -113,6 +163,8 @@ def markdown(rows: list[dict], results: list[dict], title: str) -> str:
             lines.append(f"| {r['method']} | " + " | ".join(
                 _fmt(100 * r["pass_at_k"][k], ".1f") if k in r["pass_at_k"] else "—"
                 for k in ks) + " |")
+    if len(rows) > 1:
+        lines += ["", *_paired_table(rows)]
     dis = [r for r in results
            if r["correct_math_verify"] is not None and r["correct_math_verify"] != r["correct"]]
     lines += ["", f"## Grader disagreements ({len(dis)})", ""]
@@ -150,7 +202,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(f"latency relative to {rows[0]['baseline']} (median ratio, log scale)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -167,12 +219,12 @@ def report(out_dir: str | Path) -> str:
         raise InputError("DIR", "a run directory with at least one result", str(out))
     cfg = json.loads((out / CONFIG).read_text()) if (out / CONFIG).exists() else {}
     methods = cfg.get("methods") or sorted({r["method"] for r in results})
+    results, methods = with_votes(results, methods)
     rows = summarize(results, methods)
-    dataset, model = cfg.get("dataset", out.name), str(cfg.get("model", ""))
+    dataset, model = dataset_label(cfg.get("dataset", out.name)), model_label(cfg.get("model"))
     title = f"{dataset} — {model}, alpha={cfg.get('alpha')}"
     text = markdown(rows, results, title)
     (out / "report.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
-    short = f"{Path(dataset).name} — {Path(model).name}, alpha={cfg.get('alpha')}"
-    plot(rows, out / "accuracy_latency.png", short)  # paths shortened so the title fits
+    plot(rows, out / "accuracy_latency.png", title)
     return text

@@ -11,6 +11,11 @@ particles (`smc_sample_many`); each of its results records the batch wall-clock 
 `seconds`, that time divided by the batch's problems (throughput, not single-answer latency).
 The batch seed is derived from its first problem, so a resumed run may batch, and hence
 sample, differently from an uninterrupted one; every result is still an exact Power-SMC draw.
+
+Results with weighted particles (Power-SMC, best-of-N) are graded twice: the drawn answer (the
+paper's output: `answer`, `correct`) and the weighted vote over all particles, answers pooled
+by the grader's extraction and normalisation (`voted_answer`, `voted_correct`, ...;
+`methods.selection.weighted_vote`), so one run grades both.
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ from tqdm.auto import tqdm
 from powersmc.backends.protocol import LanguageModel
 from powersmc.errors import InputError
 from powersmc.eval.data import Problem
-from powersmc.eval.grading import grade
+from powersmc.eval.grading import answer_key, grade
+from powersmc.eval.labels import model_label
 from powersmc.eval.prompts import render
 from powersmc.methods.registry import check_method, run_method, run_smc_many
+from powersmc.methods.selection import normalized, weighted_vote
+from powersmc.models import DEFAULT_MODEL_NAME
 
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
@@ -76,6 +84,10 @@ def _check_config(out: Path, config: dict) -> None:
     cfg_path = out / CONFIG
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
+        if model_label(old.get("model")) == model_label(config.get("model")) == DEFAULT_MODEL_NAME:
+            old["model"] = config.get("model")  # runs that named the default model by its path
+        if "backend" in config:  # runs made before backends were recorded used Transformers
+            old.setdefault("backend", "transformers")
         if old != config:
             changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
             raise InputError("--out", f"a new directory, or the same settings as the run "
@@ -196,7 +208,22 @@ def _record(model, problem, method, seed, run_seed, res, seconds) -> dict:
         "finished": res.finished, "token_evals": res.cost.token_evals,
         "forward_passes": res.cost.forward_passes, "prefill_tokens": res.cost.prefill_tokens,
         "peak_memory_mb": _peak_memory_mb(model.device), "meta": problem.meta,
+        **(_vote(res, problem) if getattr(res, "particles", None) else {}),
     }
+
+
+def _vote(res, problem) -> dict:
+    """The weighted vote over a result's particles, graded: answers pooled by `answer_key`;
+    `voted_weight` is the winning answer's share of the normalised weight (0: no particle
+    has an answer, and the drawn answer stands)."""
+    keys = [answer_key(p.text, problem.kind) for p in res.particles]
+    v = weighted_vote(res.particles, key=lambda text: answer_key(text, problem.kind))
+    text = res.text if v is None else res.particles[v].text
+    share = 0.0 if v is None else sum(
+        w for k, w in zip(keys, normalized(res.particles), strict=True) if k == keys[v])
+    g = grade(text, problem.answer, problem.kind)
+    return {"voted_answer": text, "voted_extracted": g.extracted, "voted_correct": g.correct,
+            "voted_correct_math_verify": g.correct_math_verify, "voted_weight": share}
 
 
 def _reset_peak_memory(device: torch.device) -> None:

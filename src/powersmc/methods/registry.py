@@ -13,6 +13,7 @@ from typing import Any
 
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import InputError
+from powersmc.methods.bon import bon_sample
 from powersmc.methods.decoding import sample
 from powersmc.methods.mh import mh_sample
 from powersmc.methods.smc import smc_sample, smc_sample_many
@@ -32,6 +33,13 @@ def _greedy(model, prompt, *, alpha, **kw):
     return sample(model, prompt, greedy=True, **kw)
 
 
+def _bon(model, prompt, *, alpha, max_new_tokens, seed, particles: int = 16,
+         bon_samples: int | None = None, select: str = "sample", key=None):
+    """Best-of-N with N = bon_samples, by default the SMC particle count (equal token-evals)."""
+    return bon_sample(model, prompt, alpha=alpha, num_samples=bon_samples or particles,
+                      max_new_tokens=max_new_tokens, seed=seed, select=select, key=key)
+
+
 def _mh_faithful(model, prompt, **kw):
     return mh_sample(model, prompt, **{**kw, "mode": "faithful"})
 
@@ -44,6 +52,7 @@ METHODS: dict[str, Callable[..., SampleResult]] = {
     "mh-faithful": _mh_faithful,
     "spower": scalable_power_sample,
     "smc": smc_sample,
+    "bon": _bon,
 }
 # Where each method's keyword arguments are declared, when its entry point only forwards them.
 _TARGETS = {"plain": sample, "lowtemp": sample, "greedy": sample, "mh-faithful": mh_sample,

@@ -33,6 +33,7 @@ from powersmc.methods.common import (
     eos_tensor,
     make_generator,
 )
+from powersmc.methods.selection import AnswerKey, check_select, finish
 from powersmc.proposals import Proposal, check_truncation, sample_tempered, truncate_logprobs
 from powersmc.resampling import get_resampler
 from powersmc.results import Cost, Particle, SMCResult
@@ -66,6 +67,9 @@ def smc_sample_many(
     top_k: int | None = None,
     top_p: float | None = None,
     progress: bool = False,
+    rounds: int = 1,
+    select: str = "sample",
+    key: AnswerKey | None = None,
 ) -> list[SMCResult]:
     """Power-SMC for P prompts in one batch of P x N particles: one answer per prompt.
 
@@ -80,7 +84,8 @@ def smc_sample_many(
         alpha: the power exponent, >= 1.
         particles: N, the number of particles per prompt.
         ess_threshold: kappa; resample a prompt's system when its ESS < kappa * N.
-        resampler: 'systematic' (default), 'multinomial', 'stratified' or 'residual'.
+        resampler: 'systematic' (default), 'multinomial', 'stratified', 'residual' or
+            'chopthin' (Gandy & Lau 2016; not equally weighted afterwards, see `chopthin`).
         ramp_tokens: exact alpha-ramping, linear over this many tokens (0: off; paper: 100).
         alpha_schedule: a user schedule t -> alpha_t (or a list alpha_1, alpha_2, ...); the
             bridge of App. B keeps the final target p^alpha whatever the schedule.
@@ -94,6 +99,12 @@ def smc_sample_many(
         top_k, top_p: truncate the MODEL (warned): the target becomes the truncated model's
             power, and weights are exact for that truncated target.
         progress: show a progress bar on stderr.
+        rounds: R independent particle systems per prompt (one batch of P*R*N rows); the answer
+            is drawn with probability proportional to each round's Z_hat times its particle
+            weights, and log_z is the mean of the rounds' Z_hat (`methods.selection`).
+        select: 'sample' (default: draw one particle, Algorithm 1 line 23) or 'vote' (the
+            answer with the largest total normalised weight, answers compared by `key`).
+        key: text -> answer (None: no answer) for select='vote'; default the text itself.
 
     Cost per result: `token_evals` and `prefill_tokens` are that prompt's own; `seconds` and
     `forward_passes` are the batch's (the answer is ready when the batch is).
@@ -102,11 +113,13 @@ def smc_sample_many(
     n = check_positive_int("particles", particles)
     kappa = check_ess_threshold(ess_threshold)
     check_nonnegative_int("ramp_tokens", ramp_tokens)
+    check_positive_int("rounds", rounds)
+    check_select(select)
     resample = get_resampler(resampler)
     truncating = check_truncation(top_k, top_p)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise InputError("prompts", "a non-empty list of prompts", prompts)
-    prompt_ids = [encode_prompt(model, p, max_new_tokens) for p in prompts]
+    prompt_ids = [encode_prompt(model, p, max_new_tokens) for p in prompts for _ in range(rounds)]
     gen, seed = make_generator(seed, model.device)
     schedule = make_schedule(alpha, ramp_tokens, alpha_schedule)
     # Under q = p^{alpha_t} / Z_t (Theorem 1) the incremental weight alpha_t lp - lq IS
@@ -163,6 +176,7 @@ def smc_sample_many(
             fire = ess_t < kappa * n
             total = torch.logsumexp(log_w, -1)
             drawn = resample(torch.exp(log_w - total[:, None]), gen)
+            drawn, post_w = drawn if isinstance(drawn, tuple) else (drawn, None)  # chopthin
             ancestors = (torch.where(fire[:, None], drawn, identity) + offsets).view(-1)
         with record_function("powersmc.sync"):  # the one host sync of this step
             packed = torch.cat([fire.double(), total, ancestors.double(),
@@ -177,7 +191,10 @@ def smc_sample_many(
                 log_z += torch.where(fire, log_mean_weight(log_w), 0.0)
                 tokens, log_p_seq = tokens[ancestors], log_p_seq[ancestors]
                 lengths, finished = lengths[ancestors], finished[ancestors]
-                log_w.masked_fill_(fire[:, None], 0.0)
+                if post_w is None:  # equally weighted after resampling (line 20)
+                    log_w.masked_fill_(fire[:, None], 0.0)
+                else:  # chopthin: its weights, on the scale of the mean reset into log_z
+                    log_w.copy_(torch.where(fire[:, None], post_w, log_w))
                 for g in np.flatnonzero(fired):
                     resample_steps[g].append(t)
         row_of = np.full(P * n, -1)
@@ -222,7 +239,7 @@ def smc_sample_many(
             stats={"chosen_particle": chosen[g], "num_resamples": len(resample_steps[g]),
                    "batch_prompts": P},
         ))
-    return results
+    return finish(results, rounds, select, key, gen)
 
 
 def _draw(logp: torch.Tensor, alpha_t: float, tau: float | None, proposal: Proposal | None,
