@@ -318,3 +318,19 @@ def test_a_client_that_disconnects_has_its_work_dropped(gated):
     blocker.join(30)
     assert post(url, "completions", {"prompt": "after"}).json()["choices"][0]["text"] == "AFTER"
     assert "never run" not in lm.seen
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-batch", "0"], "--max-batch"),
+    (["--particles", "100", "--max-particles", "64"], "--particles"),
+    (["--method", "beam"], "method"),
+    (["--port", "70000"], "--port"),
+    (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
+    (["--alpha", "0.5"], "alpha"),
+])
+def test_serve_rejects_bad_settings_before_loading_the_model(args, needle, capsys):
+    from powersmc.cli import main
+
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and err[0].startswith("powersmc serve: error")
