@@ -54,17 +54,17 @@ class EchoLM(FunctionLM):
     def decode(self, token_ids) -> str:
         return "".join(chr(int(i)) for i in token_ids if int(i) not in (EOS, SEP))
 
-    def prefill_many(self, prompts, rows):
+    def prefill_many(self, prompts, rows, **kw):
         texts = [self.decode(p) for p in prompts]
         self.seen.extend(texts)
         if not self.gate.wait(timeout=30):
             raise TimeoutError("test gate never opened")
         if any("boom" in t for t in texts):
             raise RuntimeError("boom: a failure inside the batch")
-        return super().prefill_many(prompts, rows)
+        return super().prefill_many(prompts, rows, **kw)
 
-    def prefill(self, prompt_ids, rows):
-        return self.prefill_many([prompt_ids], rows)
+    def prefill(self, prompt_ids, rows, **kw):
+        return self.prefill_many([prompt_ids], rows, **kw)
 
 
 def free_port() -> int:

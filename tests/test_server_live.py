@@ -39,7 +39,8 @@ def server():
                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     cmd = [sys.executable, "-m", "powersmc", "serve", "--port", str(port), "--api-key", KEY,
            "--device", "cpu", "--particles", "4", "--max-new-tokens", "24",
-           "--max-batch", "8", "--batch-wait-ms", "200", "--log-level", "warning"]
+           "--max-batch", "8", "--batch-wait-ms", "200", "--max-tokens-limit", "100000",
+           "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     url = f"http://127.0.0.1:{port}"
@@ -112,9 +113,15 @@ def test_errors_reach_the_openai_client_with_the_field(client, server):
         client.chat.completions.create(model=MODEL, temperature=0.7,
                                        messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["param"] == "temperature"
-    with pytest.raises(openai.BadRequestError) as e:
+    with pytest.raises(openai.BadRequestError) as e:  # beyond the model's context (8192)
         client.completions.create(model=MODEL, prompt="x", max_tokens=10_000)
-    assert e.value.body["param"] == "max_tokens"
+    assert e.value.body["param"] == "max_tokens" and "context" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", extra_body={"particles": 0})
+    assert e.value.body["param"] == "particles"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", extra_body={"bogus": 1})
+    assert e.value.body["param"] == "bogus"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4o", prompt="x")
     bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)

@@ -26,7 +26,8 @@ class ServerConfig:
         may not ask for an arbitrarily large batch.
     max_tokens_limit: cap on `max_tokens` on top of the model's context check.
     max_choices: cap on prompts x n of one request.
-    max_batch: most particle systems (prompts x n) run together in one `smc_sample_many` call.
+    max_batch: most particle systems (prompts x n) run together in one `smc_sample_many` call
+        (a single request with more runs alone, never split).
     batch_wait_ms: how long the worker waits for compatible requests to join a batch.
     max_queue: most requests waiting to run; more are answered 429.
     max_body_bytes: request bodies above this are answered 413.
