@@ -28,10 +28,11 @@ from powersmc.server.errors import APIError, from_input_error, from_validation_e
 from powersmc.server.execute import Executor, JobResult
 from powersmc.server.jobs import resolve
 from powersmc.server.responses import response_body, stream_events
-from powersmc.server.schemas import ChatRequest, CompletionRequest
+from powersmc.server.schemas import ChatRequest, CompletionRequest, field_names
 
 log = logging.getLogger("powersmc.server")
 DISCONNECT_POLL_S = 0.1
+_FIELDS = field_names()
 
 
 def create_app(lm: LanguageModel, config: ServerConfig) -> FastAPI:
@@ -79,7 +80,7 @@ async def _answer(request: Request, model_cls: type[BaseModel], config: ServerCo
     try:
         req = model_cls.model_validate(body)
     except ValidationError as exc:
-        raise from_validation_errors(exc.errors()) from None
+        raise from_validation_errors(exc.errors(), _FIELDS) from None
     job = resolve(req, config)  # type: ignore[arg-type]
     item = batcher.submit(job)
     result = await _wait(request, item, batcher)

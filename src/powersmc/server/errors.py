@@ -46,18 +46,39 @@ def from_input_error(exc: InputError) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
-def from_validation_errors(errors: list[dict[str, Any]]) -> APIError:
-    """Pydantic's first error as a 400 naming the field (unknown, wrong type, missing)."""
+def _where(loc: list[Any]) -> str:
+    """A field path as a client writes it: messages[0].content."""
+    out = ""
+    for x in loc:
+        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+    return out or "body"
+
+
+def from_validation_errors(errors: list[dict[str, Any]], fields: set[str]) -> APIError:
+    """Pydantic's first error as a 400 naming the field (unknown, wrong type, missing).
+
+    `fields` holds every declared field name: other strings in an error's location are the
+    type tags pydantic adds for the branches of a union (`prompt.str`, `prompt.list[int]`);
+    they are folded into one 'expected ...' message."""
     err = errors[0]
-    loc = [str(x) for x in err.get("loc", ())]
-    param = loc[0] if loc else None
-    where = ".".join(loc) if loc else "body"
+    loc = list(err.get("loc", ()))
+    param = str(loc[0]) if loc else None
     kind = err.get("type", "")
     if kind == "extra_forbidden":
-        return APIError(400, f"{param}: unknown field (not an OpenAI or powersmc option)",
-                        param=param, code="unknown_field")
+        return APIError(400, f"{_where(loc)}: unknown field (not an OpenAI field this server "
+                        "takes, nor a powersmc option)", param=param, code="unknown_field")
+    path = [x for x in loc if not isinstance(x, str) or x in fields]
     if kind == "missing":
-        return APIError(400, f"{where}: required field missing", param=param,
+        return APIError(400, f"{_where(path)}: required field missing", param=param,
                         code="missing_field")
-    return APIError(400, f"{where}: {err.get('msg', 'invalid value')}", param=param,
+    tags = []
+    for e in errors:
+        eloc = list(e.get("loc", ()))
+        if [x for x in eloc if not isinstance(x, str) or x in fields][: len(path)] == path:
+            tags += [x for x in eloc[len(path):] if isinstance(x, str) and x not in fields][:1]
+    if len(tags) > 1:
+        expected = ", ".join(dict.fromkeys(tags))
+        return APIError(400, f"{_where(path)}: wrong type (expected one of: {expected})",
+                        param=param, code="invalid_type")
+    return APIError(400, f"{_where(path)}: {err.get('msg', 'invalid value')}", param=param,
                     code="invalid_type")

@@ -93,3 +93,9 @@ class ChatRequest(_OpenAIFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+
+
+def field_names() -> set[str]:
+    """Every field name of every request model (to tell fields from union type tags)."""
+    models = (CompletionRequest, ChatRequest, ChatMessage, TextPart, StreamOptions)
+    return {name for m in models for name in m.model_fields}
