@@ -184,6 +184,9 @@ def report(results: dict[int, dict[str, list[dict]]], args: argparse.Namespace) 
         summary[c] = row | {"runs": by_server}
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "levels": summary}, indent=1))
+    errors = sum(r["errors"] for runs in results.values() for rs in runs.values() for r in rs)
+    if errors:
+        raise SystemExit(f"{errors} request(s) failed: a loaded server must answer every one")
 
 
 if __name__ == "__main__":

@@ -339,3 +339,11 @@ def test_serve_rejects_bad_settings_before_loading_the_model(args, needle, capsy
     assert main(["serve", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and err[0].startswith("powersmc serve: error")
+
+
+def test_non_finite_diagnostics_leave_as_json_null():
+    from powersmc.server.responses import finite
+
+    info = {"log_z": [float("-inf"), -1.5], "seconds": float("nan"), "method": "smc"}
+    assert json.dumps(finite(info), allow_nan=False) == (
+        '{"log_z": [null, -1.5], "seconds": null, "method": "smc"}')

@@ -8,6 +8,7 @@ then the finish chunk(s), an optional usage chunk, and `data: [DONE]`.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,17 @@ from typing import Any
 
 from powersmc.server.execute import JobResult
 from powersmc.server.jobs import Job
+
+
+def finite(value: Any) -> Any:
+    """`value` with non-finite floats (a -inf log-weight, say) as None: JSON has no inf/NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def _usage(result: JobResult) -> dict[str, int]:
@@ -34,7 +46,7 @@ def response_body(job: Job, result: JobResult, model: str) -> dict[str, Any]:
                     "finish_reason": c.finish_reason} for i, c in enumerate(result.choices)]
     return {"id": _id(job), "object": "chat.completion" if job.chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices,
-            "usage": _usage(result), "powersmc": result.info}
+            "usage": _usage(result), "powersmc": finite(result.info)}
 
 
 def stream_events(job: Job, result: JobResult, model: str) -> Iterator[str]:
@@ -48,7 +60,7 @@ def stream_events(job: Job, result: JobResult, model: str) -> Iterator[str]:
     last = len(result.choices) - 1
     for i, c in enumerate(result.choices):
         # the powersmc object rides on the last finish chunk (and on the usage chunk)
-        extra = {"powersmc": result.info} if i == last else {}
+        extra = {"powersmc": finite(result.info)} if i == last else {}
         if job.chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
@@ -61,7 +73,7 @@ def stream_events(job: Job, result: JobResult, model: str) -> Iterator[str]:
             yield chunk([{"index": i, "text": "", "logprobs": None,
                           "finish_reason": c.finish_reason}], **extra)
     if job.include_usage:
-        yield chunk([], usage=_usage(result), powersmc=result.info)
+        yield chunk([], usage=_usage(result), powersmc=finite(result.info))
     yield "data: [DONE]\n\n"
 
 
