@@ -12,7 +12,9 @@ fixed list of SMC chat requests (N particles, max_tokens T, unseeded) is sent by
 to one server and then the other, alternating for `--rounds` rounds. Printed per C and server:
 answers per second, p50 / p95 latency, errors (must be 0), mean completion tokens, and the
 throughput gain batched / one-at-a-time. Answers end at EOS or T tokens, so lengths vary; both
-servers get the same prompts. Bounded: every request has a timeout, the whole run a deadline.
+servers get the same prompts. Each server answers one untimed warm-up request first. Bounded:
+every request has a timeout, the whole run a deadline. Run it on an otherwise idle machine:
+on shared cores, oversubscribed torch threads make single steps take seconds.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ def main() -> None:
     try:
         for name, proc in procs.items():
             wait_up(proc, ports[name], 300)
+            load(f"http://127.0.0.1:{ports[name]}", 1, 1, body, args.timeout)  # warm-up
         for c in levels:
             results[c] = {"batched": [], "one-at-a-time": []}
             for r in range(args.rounds):
