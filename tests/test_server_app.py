@@ -121,6 +121,8 @@ def test_every_method_answers(toy, extra):
     ({"prompt": "x", "top_p": 0.9}, 400, "top_p"),
     ({"prompt": "x", "top_k": 40}, 400, "top_k"),
     ({"prompt": "x", "method": "plain", "temperature": 3}, 400, "temperature"),
+    ({"prompt": "x", "method": "mh", "mh_moves": 10_000}, 400, "mh_moves"),
+    ({"prompt": "x", "method": "spower", "candidates": 8, "rollouts": 8}, 400, "rollouts"),
     ({"prompt": "x", "n": 0}, 400, "n"),
     ({"prompt": "x", "n": 65}, 400, "n"),
     ({"prompt": "x", "seed": -1}, 400, "seed"),

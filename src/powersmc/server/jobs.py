@@ -19,6 +19,7 @@ from powersmc.server.errors import APIError, from_input_error
 from powersmc.server.schemas import ChatRequest, CompletionRequest
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_MH_MOVES = 100  # MH moves per block: each regenerates a suffix
 # Method-specific options: where they apply.
 _OPTIONS = {
     "smc": ("particles", "ess_threshold", "resampler", "ramp_tokens"),
@@ -131,6 +132,10 @@ def _method_options(req, cfg: ServerConfig, method: str) -> dict[str, Any]:
     for name in ("num_blocks", "candidates", "rollouts", "horizon"):
         _check(common.check_positive_int, name, val[name])
     _check(common.check_nonnegative_int, "mh_moves", val["mh_moves"])
+    for name, cap in (("num_blocks", cfg.max_tokens_limit), ("horizon", cfg.max_tokens_limit),
+                      ("mh_moves", MAX_MH_MOVES)):
+        if val[name] > cap:  # each unit is whole decodes: bound one request's work
+            raise _bad(name, f"at most {cap} on this server (got {val[name]})")
     if val["candidates"] * val["rollouts"] > cfg.max_particles:
         raise _bad("rollouts", f"candidates x rollouts at most {cfg.max_particles} on this "
                    "server (--max-particles)")
