@@ -1,4 +1,4 @@
-"""Command line: `powersmc sample | eval | report | bench`.
+"""Command line: `powersmc sample | eval | report | bench | serve`.
 
 Bad input exits with code 2 and one line on stderr naming the argument, never a traceback.
 """
@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mh-moves", type=int, default=2)
     b.add_argument("--out", default="bench-out")
     _model_args(b)
+
+    from powersmc.server.run import add_arguments as _serve_args
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server answering with Power-SMC")
+    _model_args(v)
+    _sampling_args(v)
+    _serve_args(v)
     return parser
 
 
@@ -264,7 +271,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sample": cmd_sample, "eval": cmd_eval, "report": cmd_report, "bench": cmd_bench}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from powersmc.server.run import serve
+
+    _check_sampling(args)
+    return serve(args)
+
+
+COMMANDS = {"sample": cmd_sample, "eval": cmd_eval, "report": cmd_report, "bench": cmd_bench,
+            "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,79 @@
+"""Server settings: the sampling defaults a request may override, and the limits it may not.
+
+Kept free of web-framework imports so the CLI can build it (and validate it) before loading
+anything heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from powersmc.errors import InputError
+from powersmc.methods import common
+from powersmc.methods.registry import check_method
+from powersmc.resampling import get_resampler
+
+
+@dataclass
+class ServerConfig:
+    """What `powersmc serve` was started with.
+
+    defaults: per-request sampling options used when a request leaves them out, in the
+        samplers' own names (method, alpha, particles, ess_threshold, resampler, ramp_tokens,
+        num_blocks, mh_moves, candidates, rollouts, horizon) plus max_tokens.
+    max_particles: cap on `particles` (and on candidates x rollouts for spower): one request
+        may not ask for an arbitrarily large batch.
+    max_tokens_limit: cap on `max_tokens` on top of the model's context check.
+    max_choices: cap on prompts x n of one request.
+    max_batch: most particle systems (prompts x n) run together in one `smc_sample_many` call
+        (a single request with more runs alone, never split).
+    batch_wait_ms: how long the worker waits for compatible requests to join a batch.
+    max_queue: most requests waiting to run; more are answered 429.
+    max_body_bytes: request bodies above this are answered 413.
+    api_key: when set, every /v1 route needs `Authorization: Bearer <api_key>`.
+    model_name: the id served at /v1/models and accepted in the `model` field.
+    """
+
+    model_name: str = "powersmc"
+    defaults: dict[str, Any] = field(default_factory=lambda: {
+        "method": "smc", "alpha": 4.0, "particles": 16, "ess_threshold": 0.5,
+        "resampler": "systematic", "ramp_tokens": 0, "max_tokens": 256,
+        "num_blocks": 16, "mh_moves": 10, "candidates": 8, "rollouts": 8, "horizon": 192,
+    })
+    max_particles: int = 64
+    max_tokens_limit: int = 2048
+    max_choices: int = 64
+    max_batch: int = 16
+    batch_wait_ms: float = 20.0
+    max_queue: int = 64
+    max_body_bytes: int = 1 << 20
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        """Check the settings once, with the same messages the samplers use."""
+        d = self.defaults
+        check_method(d["method"])
+        common.check_alpha(d["alpha"])
+        common.check_ess_threshold(d["ess_threshold"])
+        get_resampler(d["resampler"])
+        common.check_nonnegative_int("ramp_tokens", d["ramp_tokens"])
+        for name in ("particles", "max_tokens", "num_blocks", "candidates", "rollouts",
+                     "horizon"):
+            common.check_positive_int(name, d[name])
+        common.check_nonnegative_int("mh_moves", d["mh_moves"])
+        for name in ("max_particles", "max_tokens_limit", "max_choices", "max_batch",
+                     "max_queue", "max_body_bytes"):
+            common.check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise InputError("--batch-wait-ms", "a number of milliseconds in [0, 10000]",
+                             self.batch_wait_ms)
+        if d["particles"] > self.max_particles:
+            raise InputError("--particles", f"at most --max-particles ({self.max_particles})",
+                             d["particles"])
+        if d["max_tokens"] > self.max_tokens_limit:
+            raise InputError("--max-new-tokens",
+                             f"at most --max-tokens-limit ({self.max_tokens_limit})",
+                             d["max_tokens"])
+        if self.api_key is not None and not self.api_key.strip():
+            raise InputError("--api-key", "a non-empty key", self.api_key)

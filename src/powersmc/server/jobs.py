@@ -1,0 +1,203 @@
+"""From a validated request body to a `Job`: server defaults filled in, every value checked.
+
+Range checks reuse the samplers' own (`methods.common`), so the server says exactly what
+`powersmc sample` says, with the request's field name. A `Job` is what the worker runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from powersmc.errors import InputError
+from powersmc.methods import common
+from powersmc.methods.registry import check_method
+from powersmc.resampling import get_resampler
+from powersmc.server.config import ServerConfig
+from powersmc.server.errors import APIError, from_input_error
+from powersmc.server.schemas import ChatRequest, CompletionRequest
+
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_MH_MOVES = 100  # MH moves per block: each regenerates a suffix
+# Method-specific options: where they apply.
+_OPTIONS = {
+    "smc": ("particles", "ess_threshold", "resampler", "ramp_tokens"),
+    "mh": ("num_blocks", "mh_moves"), "mh-faithful": ("num_blocks", "mh_moves"),
+    "spower": ("candidates", "rollouts", "horizon"),
+    "plain": (), "lowtemp": (), "greedy": (),
+}
+_TARGET_CHANGING = ("temperature", "top_p", "top_k")
+
+
+@dataclass
+class Job:
+    """One request, resolved: prompts (texts, token-id lists, or chat message lists), n
+    answers per prompt, the method and its options, and how to present the answers."""
+
+    chat: bool
+    prompts: list[Any]
+    n: int
+    method: str
+    alpha: float
+    max_tokens: int
+    seed: int | None
+    options: dict[str, Any] = field(default_factory=dict)
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+
+    @property
+    def systems(self) -> int:
+        """Independent answers to draw: for SMC, particle systems in the batch."""
+        return len(self.prompts) * self.n
+
+    @property
+    def batch_key(self) -> tuple | None:
+        """Jobs with equal keys may share one `smc_sample_many` batch; None runs alone.
+
+        Only unseeded SMC jobs batch: a batch is driven by one generator, so a seeded job
+        runs alone to be reproducible (its answer is then that of `smc_sample_many` on its
+        own prompts with its seed).
+        """
+        if self.method != "smc" or self.seed is not None:
+            return None
+        return (self.alpha, self.max_tokens, tuple(sorted(self.options.items())))
+
+
+def _check(fn, *args):
+    try:
+        return fn(*args)
+    except InputError as exc:
+        raise from_input_error(exc) from None
+
+
+def _bad(param: str, message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, f"{param}: {message}", param=param, code=code)
+
+
+def _neutral(req: CompletionRequest | ChatRequest) -> None:
+    """OpenAI fields this server cannot honour: allowed only at their no-op values."""
+    checks = {
+        "presence_penalty": req.presence_penalty in (None, 0),
+        "frequency_penalty": req.frequency_penalty in (None, 0),
+        "logit_bias": not req.logit_bias,
+        "logprobs": req.logprobs in (None, False, 0),
+    }
+    if isinstance(req, CompletionRequest):
+        checks |= {"echo": not req.echo, "best_of": req.best_of in (None, 1),
+                   "suffix": not req.suffix}
+    else:
+        checks["top_logprobs"] = req.top_logprobs in (None, 0)
+    for name, ok in checks.items():
+        if not ok:
+            raise _bad(name, "not supported by this server (answers are whole sequences drawn "
+                       "from the power distribution); leave it out", "unsupported_field")
+
+
+def _sampling_controls(req, method: str) -> dict[str, Any]:
+    """temperature / top_p / top_k: options of plain sampling; for every other method they
+    would change the target distribution, so anything but their neutral value is refused."""
+    t, p, k = req.temperature, req.top_p, req.top_k
+    if method != "plain":
+        for name, value, neutral in (("temperature", t, 1), ("top_p", p, 1), ("top_k", k, None)):
+            if value is not None and value != neutral:
+                raise _bad(name, f"method {method!r} samples a fixed target (pi_alpha ~ p^alpha "
+                           "for the power methods); a temperature / top_p / top_k would change "
+                           "it. They are accepted only with method 'plain'; sharpen with "
+                           "'alpha' instead", "target_changing_option")
+        return {}
+    if t is not None and not (math.isfinite(t) and 0 <= t <= 2):
+        raise _bad("temperature", f"a number in [0, 2] (got {t!r})")
+    if p is not None and not (math.isfinite(p) and 0 < p <= 1):
+        raise _bad("top_p", f"a number in (0, 1] (got {p!r})")
+    if k is not None and k < 1:
+        raise _bad("top_k", f"an integer >= 1 (got {k!r})")
+    return {"temperature": 1.0 if t is None else float(t), "top_p": p, "top_k": k}
+
+
+def _method_options(req, cfg: ServerConfig, method: str) -> dict[str, Any]:
+    """Every power option, checked (given ones even when the method does not use them),
+    then only those `method` takes."""
+    d = cfg.defaults
+    val = {name: d[name] if getattr(req, name) is None else getattr(req, name)
+           for names in _OPTIONS.values() for name in names}
+    _check(common.check_positive_int, "particles", val["particles"])
+    if val["particles"] > cfg.max_particles:
+        raise _bad("particles", f"at most {cfg.max_particles} on this server (--max-particles)"
+                   f" (got {val['particles']})")
+    _check(common.check_ess_threshold, val["ess_threshold"])
+    _check(get_resampler, val["resampler"])
+    _check(common.check_nonnegative_int, "ramp_tokens", val["ramp_tokens"])
+    for name in ("num_blocks", "candidates", "rollouts", "horizon"):
+        _check(common.check_positive_int, name, val[name])
+    _check(common.check_nonnegative_int, "mh_moves", val["mh_moves"])
+    for name, cap in (("num_blocks", cfg.max_tokens_limit), ("horizon", cfg.max_tokens_limit),
+                      ("mh_moves", MAX_MH_MOVES)):
+        if val[name] > cap:  # each unit is whole decodes: bound one request's work
+            raise _bad(name, f"at most {cap} on this server (got {val[name]})")
+    if val["candidates"] * val["rollouts"] > cfg.max_particles:
+        raise _bad("rollouts", f"candidates x rollouts at most {cfg.max_particles} on this "
+                   "server (--max-particles)")
+    return {name: val[name] for name in _OPTIONS[method]}
+
+
+def _prompts(req: CompletionRequest) -> list[Any]:
+    p = req.prompt
+    if isinstance(p, str):
+        prompts = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        prompts = [list(p)]
+    else:
+        prompts = list(p)
+    if not prompts:
+        raise _bad("prompt", "a non-empty prompt or list of prompts")
+    for x in prompts:
+        if (isinstance(x, str) and not x.strip()) or (not isinstance(x, str) and not x):
+            raise _bad("prompt", "every prompt must be non-empty")
+        if not isinstance(x, str) and min(x) < 0:
+            raise _bad("prompt", "token ids must be >= 0")
+    return prompts
+
+
+def resolve(req: CompletionRequest | ChatRequest, cfg: ServerConfig) -> Job:
+    """Fill in the server's defaults and check every value; raises `APIError` (4xx)."""
+    if req.model is not None and req.model != cfg.model_name:
+        raise APIError(404, f"model: this server serves {cfg.model_name!r}, not {req.model!r}",
+                       param="model", code="model_not_found")
+    _neutral(req)
+    method = _check(check_method, req.method or cfg.defaults["method"])
+    alpha = _check(common.check_alpha, cfg.defaults["alpha"] if req.alpha is None else req.alpha)
+    chat = isinstance(req, ChatRequest)
+    max_tokens = req.max_tokens
+    if chat and req.max_completion_tokens is not None:
+        max_tokens = req.max_completion_tokens
+    name = "max_completion_tokens" if chat and req.max_completion_tokens is not None \
+        else "max_tokens"
+    max_tokens = cfg.defaults["max_tokens"] if max_tokens is None else max_tokens
+    if max_tokens < 1 or max_tokens > cfg.max_tokens_limit:
+        raise _bad(name, f"an integer in [1, {cfg.max_tokens_limit}] on this server "
+                   f"(got {max_tokens})")
+    if req.seed is not None and req.seed < 0:
+        raise _bad("seed", f"a non-negative integer (got {req.seed})")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP or any(not s for s in stop):
+        raise _bad("stop", f"at most {MAX_STOP} non-empty strings")
+    if not 1 <= req.n <= cfg.max_choices:
+        raise _bad("n", f"an integer in [1, {cfg.max_choices}] (got {req.n})")
+    options = _method_options(req, cfg, method) | _sampling_controls(req, method)
+    if chat:
+        if not req.messages:
+            raise _bad("messages", "a non-empty list of messages")
+        # 'developer' is OpenAI's newer name for 'system'; chat templates know 'system'
+        prompts = [[{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.text()} for m in req.messages]]
+    else:
+        prompts = _prompts(req)
+    if len(prompts) * req.n > cfg.max_choices:
+        raise _bad("n", f"prompts x n at most {cfg.max_choices} on this server "
+                   f"(got {len(prompts)} x {req.n})")
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return Job(chat=chat, prompts=prompts, n=req.n, method=method, alpha=alpha,
+               max_tokens=max_tokens, seed=req.seed, options=options, stop=stop,
+               stream=req.stream, include_usage=include_usage)

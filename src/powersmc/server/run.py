@@ -1,0 +1,89 @@
+"""`powersmc serve`: its command-line options, and start-up (settings checked, model loaded,
+uvicorn started on 127.0.0.1 unless told otherwise)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from powersmc.errors import InputError
+from powersmc.server.config import ServerConfig
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `serve` beyond the shared model and sampling ones."""
+    p.add_argument("--method", default="smc",
+                   help="default method: smc, mh, mh-faithful, spower, lowtemp, plain, greedy")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("POWERSMC_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $POWERSMC_API_KEY)")
+    g.add_argument("--served-model-name", default=None,
+                   help="model id at /v1/models (default: --model, or SmolLM2-135M-Instruct)")
+    g.add_argument("--max-batch", type=int, default=16,
+                   help="most SMC particle systems (prompts x n) per batch; 1: no batching")
+    g.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="how long a batch waits for compatible requests to join")
+    g.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting; more are answered 429")
+    g.add_argument("--max-particles", type=int, default=64, help="cap on a request's particles")
+    g.add_argument("--max-tokens-limit", type=int, default=2048, help="cap on max_tokens")
+    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size cap")
+    g.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The server settings; raises `InputError` naming the flag on bad values."""
+    if not 0 <= args.port <= 65535:
+        raise InputError("--port", "an integer in [0, 65535]", args.port)
+    defaults = {
+        "method": args.method, "alpha": args.alpha, "particles": args.particles,
+        "ess_threshold": args.ess_threshold, "resampler": args.resampler,
+        "ramp_tokens": args.ramp_tokens, "max_tokens": args.max_new_tokens,
+        "num_blocks": args.mh_blocks, "mh_moves": args.mh_moves,
+        "candidates": args.candidates, "rollouts": args.rollouts, "horizon": args.horizon,
+    }
+    return ServerConfig(
+        model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
+        defaults=defaults, max_particles=args.max_particles,
+        max_tokens_limit=args.max_tokens_limit, max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes, api_key=args.api_key)
+
+
+def load(args: argparse.Namespace):
+    """The model, with raw-text prompts: /v1/completions is plain text (OpenAI semantics);
+    /v1/chat/completions renders messages with the chat template itself. `--backend` and
+    `--threads` are passed on when this CLI has them."""
+    from powersmc.models import load_model
+
+    extra = {name: getattr(args, name) for name in ("backend", "threads")
+             if getattr(args, name, None) is not None}
+    return load_model(args.model, gguf_file=args.gguf_file, device=args.device,
+                      dtype=args.dtype, chat=False, **extra)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Check the settings, load the model, serve until interrupted."""
+    config = config_from_args(args)
+    try:
+        import uvicorn
+
+        from powersmc.server.app import create_app
+    except ImportError as exc:
+        raise InputError("serve", "needs the server extra: pip install 'powersmc[serve]'",
+                         exc.name) from None
+    lm = load(args)
+    app = create_app(lm, config)
+    print(f"powersmc serve: {config.model_name} on http://{args.host}:{args.port}/v1 "
+          f"(method {config.defaults['method']}, max batch {config.max_batch})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                limit_concurrency=config.max_queue + config.max_batch + 16,
+                timeout_graceful_shutdown=10)
+    return 0
