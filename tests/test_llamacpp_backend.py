@@ -1,11 +1,15 @@
-"""The llama.cpp backend on the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF).
+"""The llama.cpp backend on the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF, run as its
+F16 copy: `weights="auto"`).
 
 Resampling and forks work through llama.cpp's per-sequence cache operations; after them every
 row's next-token log-probs must equal a from-scratch evaluation of the same prefix (a fresh
-prefill of the whole sequence on llama.cpp). ATOL: float32 logits of magnitude <= ~40 and a
-log-softmax over 49k entries carry rounding of order 1e-5 when the kernels change their
-accumulation order with the batch shape; 1e-4 leaves a 10x margin. On this machine the values
-are bit-identical (max difference 0.0), since llama.cpp's CPU kernels reduce per row.
+prefill of the whole sequence on llama.cpp). ATOL: llama.cpp's F16 matmuls round activations
+to F16 (11 significant bits, relative 4.9e-4), and a batch of 1 and a batch of several rows
+take different kernels (vec_dot against GEMM); compounded over 30 layers (x sqrt(30) = 5.5) on
+logits of magnitude <= 20 that is 20 * 4.9e-4 * 5.5 = 5.4e-2: ATOL = 5e-2. Measured on this
+machine: at most 2e-2. With the file's own Q4_1 weights (`weights="file"`) the same checks
+hold to 1e-4 (float32 accumulation; measured: bit-identical), tested once below.
+The exactness of the samplers themselves is tested on FunctionLM.
 """
 
 import gc
@@ -20,7 +24,8 @@ from powersmc.methods.registry import run_method
 from powersmc.models import choose_backend, default_gguf_path
 
 pytestmark = pytest.mark.model
-ATOL = 1e-4
+ATOL = 5e-2
+ATOL_FILE = 1e-4
 
 
 def _from_scratch(lm, prefixes):
@@ -71,6 +76,19 @@ def test_reorder_then_step_matches_recompute(llama_lm, index):
             s.append(t)
         logp = lm.step(state, nxt)
     assert torch.allclose(logp, _from_scratch(lm, seqs), atol=ATOL)
+
+
+def test_file_weights_reorder_is_exact():
+    """The GGUF's own Q4_1 tensors (no F16 copy): reorder with repeats and drops, then steps,
+    equal a from-scratch evaluation to float32 precision."""
+    lm = LlamaCppLM(default_gguf_path(), weights="file", threads=2)
+    assert lm.weights == "file"
+    state, seqs, _ = _grow(lm, lm.encode_prompt("Count to five."), 4, 4, seed=1)
+    index = [3, 3, 0, 2, 2]
+    lm.reorder(state, torch.tensor(index))
+    seqs = [list(seqs[i]) + [100 + k] for k, i in enumerate(index)]
+    logp = lm.step(state, torch.arange(len(index)) + 100)
+    assert torch.allclose(logp, _from_scratch(lm, seqs), atol=ATOL_FILE)
 
 
 def test_fork_keeps_prefix_and_leaves_original(llama_lm):
@@ -203,9 +221,10 @@ def test_next_token_distributions_close_to_transformers(llama_lm, default_lm):
           f"mean {dlog.mean():.4f}; argmax agreement "
           f"{(ll.argmax(-1) == hf.argmax(-1)).float().mean():.3f}")
     assert ll.shape[0] >= 200
-    # measured on this machine: TV mean 0.020, max 0.11; |dlogp| mean 0.11, max 0.85
-    assert tv.mean() < 0.04 and tv.max() < 0.25
-    assert dlog.mean() < 0.25 and dlog.max() < 1.5
+    # measured on this machine (F16 copy): TV mean 0.0006, max 0.0096; |dlogp| mean 0.0068,
+    # max 0.055. With the Q4_1 file itself (Q8 activations): TV mean 0.015, max 0.11.
+    assert tv.mean() < 0.002 and tv.max() < 0.03
+    assert dlog.mean() < 0.02 and dlog.max() < 0.15
 
 
 def test_bad_gguf_files_are_clear_errors(tmp_path):
@@ -257,3 +276,24 @@ def test_gguf_without_chat_template(tmp_path):
     raw = LlamaCppLM(dst, chat=False, threads=1)
     r = smc_sample(raw, "1, 2, 3,", particles=2, max_new_tokens=3, seed=0)
     assert len(r.token_ids) >= 1
+
+
+def test_eval_writes_the_same_rows_on_both_backends(llama_lm, default_lm, tmp_path):
+    """`powersmc eval` on the built-in set: every backend writes rows with the same fields,
+    for every method, and a finished run re-run is a no-op (resume)."""
+    from powersmc.eval.data import load_problems
+    from powersmc.eval.runner import run_eval
+
+    probs = load_problems("builtin", limit=2)
+    methods = ["plain", "lowtemp", "greedy", "smc", "mh", "spower"]
+    opts = {"particles": 4, "num_blocks": 2, "mh_moves": 1, "candidates": 2, "rollouts": 1,
+            "horizon": 2}
+    rows = {}
+    for name, lm in (("llama", llama_lm), ("hf", default_lm)):
+        kw = dict(methods=methods, seeds=[0], out_dir=tmp_path / name, template="{problem}",
+                  max_new_tokens=6, options=opts, progress=False)
+        rows[name] = run_eval(lm, probs, **kw)
+        assert len(run_eval(lm, probs, **kw)) == len(rows[name]) == 2 * len(methods)
+    for a, b in zip(rows["llama"], rows["hf"], strict=True):
+        assert set(a) == set(b) and (a["problem_id"], a["method"]) == (b["problem_id"],
+                                                                       b["method"])

@@ -29,6 +29,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="auto (llama.cpp for a .gguf on CPU, else transformers), llama.cpp "
                         "or transformers")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--weights", default="auto",
+                   help="llama.cpp: auto (F16 copy for small Q4_1/Q5_1 files), file or f16")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (transformers)")
     g.add_argument("--raw", action="store_true", help="raw text prompts, no chat template")
@@ -137,7 +139,7 @@ def _load(args: argparse.Namespace):
 
     return load_model(args.model, backend=args.backend, gguf_file=args.gguf_file,
                       device=args.device, dtype=args.dtype, chat=False if args.raw else None,
-                      threads=args.threads)
+                      threads=args.threads, weights=args.weights)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:

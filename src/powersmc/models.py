@@ -114,6 +114,7 @@ def load_model(
     chat: bool | None = None,
     system_prompt: str | None = None,
     threads: int | None = None,
+    weights: str = "auto",
 ) -> Any:
     """Load a causal LM as a backend: `LlamaCppLM` (llama.cpp) or `TransformersLM`.
 
@@ -126,6 +127,7 @@ def load_model(
     dtype: Transformers only: 'float32' (default on CPU), 'bfloat16' (default on CUDA), 'float16'.
     chat: use the model's chat template for text prompts (default: if it has one).
     threads: CPU threads (default: all cores).
+    weights: llama.cpp only: 'auto', 'file' or 'f16' (see `LlamaCppLM`).
     """
     dev = resolve_device(device)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
@@ -133,13 +135,14 @@ def load_model(
         raise InputError("threads", "an integer >= 1", threads)
     which = choose_backend(name_or_path, backend, dev, gguf_file, dtype)
     if which == "llama.cpp":
-        return _load_llamacpp(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads)
+        return _load_llamacpp(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads,
+                              weights)
     if threads is not None:
         torch.set_num_threads(threads)
     return _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt)
 
 
-def _load_llamacpp(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads):
+def _load_llamacpp(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads, weights):
     from powersmc.backends.llamacpp_lm import LlamaCppLM
 
     if dtype is not None:
@@ -160,7 +163,7 @@ def _load_llamacpp(name_or_path, gguf_file, dev, dtype, chat, system_prompt, thr
                          "the llama.cpp backend; use --backend transformers for other models",
                          str(name_or_path))
     return LlamaCppLM(path, threads=threads, chat=chat, system_prompt=system_prompt,
-                      gpu_layers=-1 if dev.type == "cuda" else 0,
+                      gpu_layers=-1 if dev.type == "cuda" else 0, weights=weights,
                       name=DEFAULT_MODEL_NAME if name_or_path is None else None)
 
 

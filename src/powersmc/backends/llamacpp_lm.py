@@ -36,6 +36,8 @@ from powersmc.backends.protocol import END_TOKENS
 from powersmc.errors import InputError
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
+WEIGHTS = ("auto", "file", "f16")
+NO_GEMM_FTYPES = (3, 9)  # LLAMA_FTYPE_MOSTLY_Q4_1, _Q5_1: no batched CPU matmul kernel
 MIN_CELLS = 4096
 
 
@@ -209,6 +211,13 @@ class LlamaCppLM:
         gpu_layers: layers to offload when llama-cpp-python was built with a GPU backend
             (-1: all).
         name: the model's name in reports (default: the GGUF's general.name).
+        weights: 'file' runs the GGUF's own tensor types; 'f16' runs an F16 copy (written
+            once to the cache, POWERSMC_CACHE or ~/.cache/powersmc); 'auto' (default) takes
+            the F16 copy for a CPU model of at most 1B parameters stored as Q4_1 or Q5_1:
+            llama.cpp has no batched (GEMM) CPU kernel for those two types, so a step over
+            N rows costs about N single-row steps, while F16 batches (the default model,
+            Q4_1: 16 rows 70 ms -> 46 ms per step; docs/backends.md). The F16 copy holds the
+            same weights up to F16 rounding of the de-quantised values.
     """
 
     def __init__(
@@ -222,6 +231,7 @@ class LlamaCppLM:
         n_ctx: int | None = None,
         gpu_layers: int = 0,
         name: str | None = None,
+        weights: str = "auto",
     ) -> None:
         ll = self.ll = _lib()
         _quiet_logs(ll)
@@ -232,18 +242,18 @@ class LlamaCppLM:
                                     or threads < 1):
             raise InputError("threads", "an integer >= 1", threads)
         self.threads = threads or os.cpu_count() or 1
+        if weights not in WEIGHTS:
+            raise InputError("weights", f"one of {', '.join(WEIGHTS)}", weights)
         ll.llama_backend_init()
-        mp = ll.llama_model_default_params()
-        mp.n_gpu_layers = gpu_layers
-        self.model = ll.llama_model_load_from_file(str(self.path).encode(), mp)
-        if not self.model:
-            arch = _gguf_architecture(self.path)
-            raise InputError(
-                "model",
-                f"{self.path} could not be loaded by llama.cpp (llama-cpp-python "
-                f"{ll.__version__}): architecture {arch!r}; supported are the architectures of "
-                "that llama.cpp release (llama, qwen2, mistral, gemma, phi3, ...). "
-                + "".join(_LOG_TAIL[-2:]).strip())
+        self.model = self._load(self.path, gpu_layers)
+        ftype = int(self._meta("general.file_type") or -1)
+        small = ll.llama_model_n_params(self.model) <= 1_000_000_000 and gpu_layers == 0
+        self.weights = "f16" if weights == "f16" or (
+            weights == "auto" and ftype in NO_GEMM_FTYPES and small) else "file"
+        if self.weights == "f16":
+            f16 = _f16_copy(ll, self.path)
+            ll.llama_model_free(self.model)
+            self.model = self._load(f16, gpu_layers)
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.vocab_size = int(ll.llama_vocab_n_tokens(self.vocab))
         self.device = torch.device("cpu")
@@ -268,6 +278,20 @@ class LlamaCppLM:
         model, self.model = getattr(self, "model", None), None
         if model and self.ll.llama_model_free is not None:  # None at interpreter shutdown
             self.ll.llama_model_free(model)
+
+    def _load(self, path: Path, gpu_layers: int):
+        mp = self.ll.llama_model_default_params()
+        mp.n_gpu_layers = gpu_layers
+        model = self.ll.llama_model_load_from_file(str(path).encode(), mp)
+        if not model:
+            arch = _gguf_architecture(path)
+            raise InputError(
+                "model",
+                f"{path} could not be loaded by llama.cpp (llama-cpp-python "
+                f"{self.ll.__version__}): architecture {arch!r}; supported are the architectures "
+                "of that llama.cpp release (llama, qwen2, mistral, gemma, phi3, ...). "
+                + "".join(_LOG_TAIL[-2:]).strip())
+        return model
 
     def _default_eos(self) -> tuple[int, ...]:
         """The model's EOS and EOT ids and the usual end-of-turn tokens it has: the same set
@@ -479,6 +503,27 @@ class LlamaCppLM:
         finally:
             ll.llama_sampler_free(chain)
         return out
+
+
+def _f16_copy(ll, path: Path) -> Path:
+    """An F16 copy of a GGUF file in the cache (written once, atomically; about 1 s for 135M
+    parameters), keyed by the source's name, size and modification time."""
+    st = path.stat()
+    cache = Path(os.environ.get("POWERSMC_CACHE", Path.home() / ".cache" / "powersmc"))
+    dst = cache / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}-f16.gguf"
+    if dst.is_file():
+        return dst
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_suffix(f".tmp{os.getpid()}")
+    params = ll.llama_model_quantize_default_params()
+    params.ftype = 1  # LLAMA_FTYPE_MOSTLY_F16
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    if ll.llama_model_quantize(str(path).encode(), str(tmp).encode(), ctypes.byref(params)):
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama.cpp could not write an F16 copy of {path} to {cache}")
+    os.replace(tmp, dst)
+    return dst
 
 
 def _gguf_architecture(path: Path) -> str | None:

@@ -15,7 +15,7 @@ from powersmc.backends.protocol import LanguageModel
 from powersmc.methods.common import check_positive_int, make_generator
 from powersmc.methods.decoding import sample
 from powersmc.methods.rollout import rollout
-from powersmc.proposals import truncate_logprobs
+from powersmc.proposals import sample_tempered, truncate_logprobs
 from powersmc.results import Cost, SampleResult
 
 
@@ -33,12 +33,16 @@ def plain_sample(model: LanguageModel, prompt_ids: list[int], *, temperature: fl
     n = check_positive_int("num_samples", num_samples)
     gen, seed = make_generator(seed, model.device)
 
-    def rule(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scaled = torch.log_softmax(logp / temperature, -1)
-        return logp, truncate_logprobs(scaled, top_k=top_k, top_p=top_p)
+    def rule(logp: torch.Tensor, gen: torch.Generator | None,
+             greedy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logq = truncate_logprobs(torch.log_softmax(logp / temperature, -1), top_k=top_k,
+                                 top_p=top_p)
+        tok = sample_tempered(logq, 1.0, gen)[0]
+        return (tok, logp.gather(1, tok[:, None]).squeeze(1).double(),
+                logq.gather(1, tok[:, None]).squeeze(1).double())
 
     cost, start = Cost(), time.perf_counter()
-    state, logp = model.prefill(prompt_ids, n)
+    state, logp = model.prefill(prompt_ids, n, budget=n * max_new_tokens)
     cost.add_prefill(len(prompt_ids))
     out = rollout(model, state, logp, max_new_tokens, rule, gen, cost)
     cost.seconds = time.perf_counter() - start

@@ -58,14 +58,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def load(args: argparse.Namespace):
     """The model, with raw-text prompts: /v1/completions is plain text (OpenAI semantics);
-    /v1/chat/completions renders messages with the chat template itself. `--backend` and
-    `--threads` are passed on when this CLI has them."""
+    /v1/chat/completions renders messages with the chat template itself."""
     from powersmc.models import load_model
 
-    extra = {name: getattr(args, name) for name in ("backend", "threads")
-             if getattr(args, name, None) is not None}
-    return load_model(args.model, gguf_file=args.gguf_file, device=args.device,
-                      dtype=args.dtype, chat=False, **extra)
+    return load_model(args.model, backend=args.backend, gguf_file=args.gguf_file,
+                      device=args.device, dtype=args.dtype, chat=False, threads=args.threads,
+                      weights=args.weights)
 
 
 def serve(args: argparse.Namespace) -> int:
