@@ -349,3 +349,27 @@ def test_non_finite_diagnostics_leave_as_json_null():
     info = {"log_z": [float("-inf"), -1.5], "seconds": float("nan"), "method": "smc"}
     assert json.dumps(finite(info), allow_nan=False) == (
         '{"log_z": [null, -1.5], "seconds": null, "method": "smc"}')
+
+
+def test_row_limited_backend_runs_large_batches_in_chunks():
+    """A backend that holds at most `max_rows` rows (llama.cpp: 255 sequences) gets an SMC
+    batch in chunks of whole particle systems; every answer is still its own prompt's."""
+    lm = EchoLM()
+    lm.max_rows = 8  # two systems of 4 particles per chunk
+    prefills = []
+    inner = lm.prefill_many
+
+    def counting(prompts, rows, **kw):
+        prefills.append(len(prompts) * rows)
+        return inner(prompts, rows, **kw)
+
+    lm.prefill_many = counting
+    with live_server(lm, **CONFIG) as url:
+        r = post(url, "completions", {"model": "toy", "prompt": ["ab", "cd", "ef"], "n": 1,
+                                      "max_tokens": 8, "particles": 4, "seed": 3})
+        again = post(url, "completions", {"model": "toy", "prompt": ["ab", "cd", "ef"],
+                                          "n": 1, "max_tokens": 8, "particles": 4, "seed": 3})
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] == ["AB", "CD", "EF"]
+    assert r.json()["choices"] == again.json()["choices"]
+    assert max(prefills) <= 8 and sum(prefills[:2]) == 12

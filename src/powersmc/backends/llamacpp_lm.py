@@ -269,6 +269,7 @@ class LlamaCppLM:
         self.eos_token_ids = (tuple(int(i) for i in eos_token_ids) if eos_token_ids is not None
                               else self._default_eos())
         self.n_ctx = n_ctx
+        self.max_rows = MAX_SEQUENCES - 1  # live sequences at once (one id is reserved)
         self.name = name or f"{self._meta('general.name') or self.path.stem} (GGUF, llama.cpp)"
         self._ctx: _Context | None = None
         self._batch = _Batch(ll, 512)  # >= MAX_SEQUENCES rows per step; prompt chunk size
