@@ -17,6 +17,7 @@ import gc
 import numpy as np
 import pytest
 import torch
+from backend_checks import grow
 
 from powersmc import InputError, load_model, smc_sample, smc_sample_many
 from powersmc.backends.llamacpp_lm import LlamaCppLM
@@ -32,18 +33,6 @@ def _from_scratch(lm, prefixes):
     return torch.cat([lm.prefill(ids, 1, budget=1)[1] for ids in prefixes])
 
 
-def _grow(lm, prompt, steps, rows, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    state, logp = lm.prefill(prompt, rows, budget=rows * (steps + 2))
-    seqs = [list(prompt) for _ in range(rows)]
-    for _ in range(steps):
-        tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
-        for s, t in zip(seqs, tok.tolist(), strict=True):
-            s.append(t)
-        logp = lm.step(state, tok)
-    return state, seqs, logp
-
-
 def test_auto_picks_llamacpp_for_gguf_on_cpu(llama_lm):
     assert isinstance(llama_lm, LlamaCppLM)
     assert choose_backend(None, "auto", torch.device("cpu")) == "llama.cpp"
@@ -55,7 +44,7 @@ def test_auto_picks_llamacpp_for_gguf_on_cpu(llama_lm):
 
 def test_cached_logits_match_recompute(llama_lm):
     prompt = llama_lm.encode_prompt("Name a prime number.")
-    _, seqs, logp = _grow(llama_lm, prompt, 6, 3)
+    _, seqs, logp = grow(llama_lm, prompt, 6, 3)
     assert logp.shape == (3, llama_lm.vocab_size)
     assert torch.allclose(logp.logsumexp(-1), torch.zeros(3), atol=1e-4)  # normalized
     assert torch.allclose(logp, _from_scratch(llama_lm, seqs), atol=ATOL)
@@ -66,7 +55,7 @@ def test_cached_logits_match_recompute(llama_lm):
 def test_reorder_then_step_matches_recompute(llama_lm, index):
     lm = llama_lm
     prompt = lm.encode_prompt("Count to five.")
-    state, seqs, _ = _grow(lm, prompt, 4, 4, seed=1)
+    state, seqs, _ = grow(lm, prompt, 4, 4, seed=1)
     lm.reorder(state, torch.tensor(index))
     assert len(set(state.seqs.ids.tolist())) == len(index)  # one sequence per row
     seqs = [list(seqs[i]) for i in index]
@@ -83,7 +72,7 @@ def test_file_weights_reorder_is_exact():
     equal a from-scratch evaluation to float32 precision."""
     lm = LlamaCppLM(default_gguf_path(), weights="file", threads=2)
     assert lm.weights == "file"
-    state, seqs, _ = _grow(lm, lm.encode_prompt("Count to five."), 4, 4, seed=1)
+    state, seqs, _ = grow(lm, lm.encode_prompt("Count to five."), 4, 4, seed=1)
     index = [3, 3, 0, 2, 2]
     lm.reorder(state, torch.tensor(index))
     seqs = [list(seqs[i]) + [100 + k] for k, i in enumerate(index)]
@@ -94,7 +83,7 @@ def test_file_weights_reorder_is_exact():
 def test_fork_keeps_prefix_and_leaves_original(llama_lm):
     lm = llama_lm
     prompt = lm.encode_prompt("Say hello.")
-    state, seqs, _ = _grow(lm, prompt, 5, 1, seed=2)
+    state, seqs, _ = grow(lm, prompt, 5, 1, seed=2)
     fork = lm.fork(state, keep=2)
     branch = seqs[0][: len(prompt) + 2] + [42]
     assert torch.allclose(lm.step(fork, torch.tensor([42])), _from_scratch(lm, [branch]),

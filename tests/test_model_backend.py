@@ -7,6 +7,7 @@ and for MH's forks of a kept prefix.
 
 import pytest
 import torch
+from backend_checks import grow
 
 from powersmc import smc_sample
 
@@ -23,21 +24,9 @@ def _from_scratch(lm, prefixes):
         return torch.stack(out)
 
 
-def _grow(lm, prompt, steps, rows, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    state, logp = lm.prefill(prompt, rows)
-    seqs = [list(prompt) for _ in range(rows)]
-    for _ in range(steps):
-        tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
-        for s, t in zip(seqs, tok.tolist(), strict=True):
-            s.append(t)
-        logp = lm.step(state, tok)
-    return state, seqs, logp
-
-
 def test_cached_logits_match_recompute(default_lm):
     prompt = default_lm.encode_prompt("Name a prime number.")
-    _, seqs, logp = _grow(default_lm, prompt, 5, 3)
+    _, seqs, logp = grow(default_lm, prompt, 5, 3)
     assert torch.allclose(logp, _from_scratch(default_lm, seqs), atol=ATOL)
 
 
@@ -45,7 +34,7 @@ def test_cached_logits_match_recompute(default_lm):
 def test_reorder_then_step_matches_recompute(default_lm, index):
     lm = default_lm
     prompt = lm.encode_prompt("Count to five.")
-    state, seqs, _ = _grow(lm, prompt, 4, 4, seed=1)
+    state, seqs, _ = grow(lm, prompt, 4, 4, seed=1)
     lm.reorder(state, torch.tensor(index))
     seqs = [list(seqs[i]) for i in index]
     nxt = torch.arange(len(index)) + 100
@@ -58,7 +47,7 @@ def test_reorder_then_step_matches_recompute(default_lm, index):
 def test_fork_keeps_prefix_and_leaves_original(default_lm):
     lm = default_lm
     prompt = lm.encode_prompt("Say hello.")
-    state, seqs, logp_orig = _grow(lm, prompt, 5, 1, seed=2)
+    state, seqs, logp_orig = grow(lm, prompt, 5, 1, seed=2)
     fork = lm.fork(state, keep=2)
     branch = seqs[0][: len(prompt) + 2] + [42]
     assert torch.allclose(lm.step(fork, torch.tensor([42])), _from_scratch(lm, [branch]), atol=ATOL)

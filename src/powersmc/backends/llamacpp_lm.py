@@ -438,17 +438,18 @@ class LlamaCppLM:
         logp = torch.log_softmax(torch.from_numpy(last), dim=-1)
         return state, logp.repeat_interleave(rows, 0)
 
-    def step(self, state: LlamaState, tokens: torch.Tensor) -> torch.Tensor:
+    def _feed(self, state: LlamaState, tokens: np.ndarray) -> None:
+        """One decode: each row's next token at its own position, logits for every row."""
         n, b = state.rows, self._batch
-        b.token[:n] = tokens.numpy()
-        b.pos[:n] = state.pos
-        b.seq[:n] = state.seqs.ids
-        b.n_seq[:n] = 1
-        b.logits[:n] = 1
+        b.token[:n], b.pos[:n], b.seq[:n] = tokens, state.pos, state.seqs.ids
+        b.n_seq[:n], b.logits[:n] = 1, 1
         self._decode(state.seqs.ctx, n)
         state.seqs.ctx.wrote(state.seqs.ids)
         state.pos += 1
-        return self._logprobs(state.seqs.ctx, n)
+
+    def step(self, state: LlamaState, tokens: torch.Tensor) -> torch.Tensor:
+        self._feed(state, tokens.numpy())
+        return self._logprobs(state.seqs.ctx, state.rows)
 
     def reorder(self, state: LlamaState, index: torch.Tensor) -> None:
         """Row k becomes old row index[k]: a row's first use keeps its sequence, repeats get
@@ -485,7 +486,7 @@ class LlamaCppLM:
         """Feed `tokens` and decode `steps` more tokens per row with llama.cpp's own sampler
         chain (temperature + dist, in C): the reference that SMC's overhead is measured against
         in `powersmc bench`. No EOS stop. Returns the sampled ids [rows, steps]."""
-        ll, n, b = self.ll, state.rows, self._batch
+        ll, n = self.ll, state.rows
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(temperature))
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
@@ -493,11 +494,7 @@ class LlamaCppLM:
         tok = tokens.numpy().astype(np.int32)
         try:
             for t in range(steps):
-                b.token[:n], b.pos[:n], b.seq[:n] = tok, state.pos, state.seqs.ids
-                b.n_seq[:n], b.logits[:n] = 1, 1
-                self._decode(state.seqs.ctx, n)
-                state.seqs.ctx.wrote(state.seqs.ids)
-                state.pos += 1
+                self._feed(state, tok)
                 tok = np.array([ll.llama_sampler_sample(chain, state.seqs.ctx.ctx, i)
                                 for i in range(n)], dtype=np.int32)
                 out[:, t] = tok

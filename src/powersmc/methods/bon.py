@@ -13,15 +13,13 @@ Unfinished samples at max_new_tokens are kept as truncated sequences (as in `smc
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.methods.common import check_alpha, check_positive_int, encode_prompt, make_generator
-from powersmc.methods.rollout import rollout, temperature_rule
+from powersmc.methods.rollout import sample_rows, temperature_rule
 from powersmc.methods.selection import AnswerKey, apply_select, check_select
-from powersmc.results import Cost, ImportanceResult, Particle
+from powersmc.results import ImportanceResult, Particle
 from powersmc.weights import ess, log_mean_weight
 
 
@@ -44,18 +42,12 @@ def bon_sample(
     check_select(select)
     ids = encode_prompt(model, prompt, max_new_tokens)
     gen, seed = make_generator(seed, model.device)
-    cost = Cost()
-    start = time.perf_counter()
-    state, logp = model.prefill(ids, n, budget=n * max_new_tokens)
-    cost.add_prefill(len(ids))
-    out = rollout(model, state, logp, max_new_tokens, temperature_rule(1.0), gen, cost)
+    out, cost = sample_rows(model, ids, n, max_new_tokens, temperature_rule(1.0), gen)
     log_p = out.logp.sum(1)  # float64; zero past each row's end
     log_w = (alpha - 1.0) * log_p
     total = torch.logsumexp(log_w, 0)
     chosen = int(torch.multinomial(torch.exp(log_w - total), 1, generator=gen))
-    cost.seconds = time.perf_counter() - start
-    lens, rows, fin = out.lengths.tolist(), out.tokens.tolist(), out.finished.tolist()
-    samples = [rows[i][: lens[i]] for i in range(n)]
+    samples, fin = out.sequences(), out.finished.tolist()
     texts = [model.decode(s) for s in samples]
     lw = log_w.tolist()
     parts = [Particle(samples[i], texts[i], lw[i], fin[i]) for i in range(n)]

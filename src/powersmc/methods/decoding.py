@@ -4,13 +4,12 @@ sampled), and greedy decoding; `num_samples` independent answers in one batch.""
 from __future__ import annotations
 
 import math
-import time
 
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import InputError
 from powersmc.methods.common import check_positive_int, encode_prompt, make_generator
-from powersmc.methods.rollout import rollout, temperature_rule
-from powersmc.results import Cost, SampleResult
+from powersmc.methods.rollout import sample_rows, temperature_rule
+from powersmc.results import SampleResult
 
 
 def sample(
@@ -36,15 +35,9 @@ def sample(
     n = check_positive_int("num_samples", num_samples)
     ids = encode_prompt(model, prompt, max_new_tokens)
     gen, seed = make_generator(seed, model.device)
-    cost = Cost()
-    start = time.perf_counter()
-    state, logp = model.prefill(ids, n, budget=n * max_new_tokens)
-    cost.add_prefill(len(ids))
-    out = rollout(model, state, logp, max_new_tokens, temperature_rule(float(temperature)), gen,
-                  cost, greedy=greedy)
-    cost.seconds = time.perf_counter() - start
-    lens, rows, fin = out.lengths.tolist(), out.tokens.tolist(), out.finished.tolist()
-    samples = [rows[i][: lens[i]] for i in range(n)]
+    out, cost = sample_rows(model, ids, n, max_new_tokens, temperature_rule(float(temperature)),
+                            gen, greedy=greedy)
+    samples, fin = out.sequences(), out.finished.tolist()
     texts = [model.decode(s) for s in samples]
     method = "greedy" if greedy else ("plain" if temperature == 1.0 else "lowtemp")
     return SampleResult(

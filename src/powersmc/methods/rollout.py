@@ -6,6 +6,7 @@ per-token log p (the model) and log q (the proposal), and lets finished rows lea
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,18 +22,21 @@ TokenRule = Callable[[torch.Tensor, torch.Generator | None, bool],
                      tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def temperature_rule(tau: float, top_k: int | None = None) -> TokenRule:
-    """Sample at temperature tau from the full model (or from its top-k, as a proposal only).
+def temperature_rule(tau: float, top_k: int | None = None,
+                     top_p: float | None = None) -> TokenRule:
+    """Sample at temperature tau from the full model, or from its top-k / top-p nucleus after
+    the temperature (then only a proposal: log p stays the full model's).
 
     Greedy takes the argmax (the same token at every temperature)."""
     from powersmc.proposals import sample_tempered, truncate_logprobs
 
     def rule(logp: torch.Tensor, gen: torch.Generator | None,
              greedy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if top_k or greedy:
+        truncating = top_k or (top_p is not None and top_p < 1)
+        if truncating or greedy:
             logq = torch.log_softmax(logp / tau, -1)
-            if top_k:
-                logq = truncate_logprobs(logq, top_k=top_k)
+            if truncating:
+                logq = truncate_logprobs(logq, top_k=top_k, top_p=top_p)
             tok = logq.argmax(-1) if greedy else sample_tempered(logq, 1.0, gen)[0]
             lq = logq.gather(1, tok[:, None]).squeeze(1).double()
             return tok, logp.gather(1, tok[:, None]).squeeze(1).double(), lq
@@ -58,6 +62,24 @@ class Rollout:
     lengths: torch.Tensor
     finished: torch.Tensor
     state: Any
+
+    def sequences(self) -> list[list[int]]:
+        """Each row's sampled ids, cut at its length (EOS included when emitted)."""
+        lens, rows = self.lengths.tolist(), self.tokens.tolist()
+        return [row[:n] for row, n in zip(rows, lens, strict=True)]
+
+
+def sample_rows(model: LanguageModel, prompt_ids: list[int], rows: int, max_new_tokens: int,
+                rule: TokenRule, generator: torch.Generator | None,
+                greedy: bool = False) -> tuple[Rollout, Cost]:
+    """`rows` independent continuations of one prompt (prefilled once), by `rule`; the cost
+    accounts the prefill and every step, and its seconds the whole call."""
+    cost, start = Cost(), time.perf_counter()
+    state, logp = model.prefill(prompt_ids, rows, budget=rows * max_new_tokens)
+    cost.add_prefill(len(prompt_ids))
+    out = rollout(model, state, logp, max_new_tokens, rule, generator, cost, greedy=greedy)
+    cost.seconds = time.perf_counter() - start
+    return out, cost
 
 
 def rollout(

@@ -1,0 +1,17 @@
+"""Shared helpers of the real-model backend tests (Transformers and llama.cpp)."""
+
+import torch
+
+
+def grow(lm, prompt, steps, rows, seed=0):
+    """Prefill `prompt` for `rows` rows and sample `steps` tokens each (seeded, full
+    vocabulary). Returns (state, the rows' full id sequences, the last next-token logprobs)."""
+    gen = torch.Generator().manual_seed(seed)
+    state, logp = lm.prefill(prompt, rows, budget=rows * (steps + 2))
+    seqs = [list(prompt) for _ in range(rows)]
+    for _ in range(steps):
+        tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
+        for s, t in zip(seqs, tok.tolist(), strict=True):
+            s.append(t)
+        logp = lm.step(state, tok)
+    return state, seqs, logp
