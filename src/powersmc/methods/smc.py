@@ -22,6 +22,7 @@ import torch
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
+from powersmc.backends.particles import Draw, ParticleEngine, particle_engine
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import DegenerateWeightsError, InputError
 from powersmc.methods.common import (
@@ -34,11 +35,13 @@ from powersmc.methods.common import (
     make_generator,
 )
 from powersmc.methods.selection import AnswerKey, check_select, finish
-from powersmc.proposals import Proposal, check_truncation, sample_tempered, truncate_logprobs
+from powersmc.proposals import Proposal, check_truncation
 from powersmc.resampling import get_resampler
 from powersmc.results import Cost, Particle, SMCResult
 from powersmc.schedules import Schedule, make_schedule
-from powersmc.weights import ess, log_mean_weight, log_power_normalizer
+from powersmc.weights import ess, log_mean_weight
+
+ORDERS = ("standard", "adapted")
 
 
 def smc_sample(model: LanguageModel, prompt: Prompt, **options) -> SMCResult:
@@ -70,6 +73,7 @@ def smc_sample_many(
     rounds: int = 1,
     select: str = "sample",
     key: AnswerKey | None = None,
+    order: str = "standard",
 ) -> list[SMCResult]:
     """Power-SMC for P prompts in one batch of P x N particles: one answer per prompt.
 
@@ -105,6 +109,11 @@ def smc_sample_many(
         select: 'sample' (default: draw one particle, Algorithm 1 line 23) or 'vote' (the
             answer with the largest total normalised weight, answers compared by `key`).
         key: text -> answer (None: no answer) for select='vote'; default the text itself.
+        order: 'standard' (Algorithm 1: draw, weight, resample) or 'adapted' (the fully
+            adapted order of auxiliary particle filters: under the default proposal the weight
+            of step t, log Z_t, depends on the prefix only, so the system is reweighted and
+            resampled before the token is drawn, and copies of one particle draw independent
+            tokens instead of sharing one). Same forward passes; needs tau = proposal = None.
 
     Cost per result: `token_evals` and `prefill_tokens` are that prompt's own; `seconds` and
     `forward_passes` are the batch's (the answer is ready when the batch is).
@@ -115,21 +124,27 @@ def smc_sample_many(
     check_nonnegative_int("ramp_tokens", ramp_tokens)
     check_positive_int("rounds", rounds)
     check_select(select)
+    if order not in ORDERS:
+        raise InputError("order", f"one of {', '.join(ORDERS)}", order)
+    adapted = order == "adapted"
     resample = get_resampler(resampler)
-    truncating = check_truncation(top_k, top_p)
+    check_truncation(top_k, top_p)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise InputError("prompts", "a non-empty list of prompts", prompts)
     prompt_ids = [encode_prompt(model, p, max_new_tokens) for p in prompts for _ in range(rounds)]
     gen, seed = make_generator(seed, model.device)
     schedule = make_schedule(alpha, ramp_tokens, alpha_schedule)
-    # Under q = p^{alpha_t} / Z_t (Theorem 1) the incremental weight alpha_t lp - lq IS
-    # log Z_t (eq. 13), so the diagnostic costs nothing; other proposals pay a vocab-wide sum.
-    optimal = proposal is None and tau is None
+
+    engine = particle_engine(model, gen, tau=tau, proposal=proposal, top_k=top_k, top_p=top_p)
+    if adapted and not engine.adaptable:
+        raise InputError("order", "'standard' when tau or proposal is set (the adapted order "
+                         "needs the default proposal, whose weight depends on the prefix only)",
+                         order)
 
     dev, T, P = model.device, max_new_tokens, len(prompt_ids)
     f64 = dict(dtype=torch.float64, device=dev)
     start = time.perf_counter()
-    state, logp = model.prefill_many(prompt_ids, n, budget=P * n * T)
+    engine.start(prompt_ids, n, budget=P * n * T)
     forward_passes = 1  # the prefill
 
     tokens = torch.zeros((P * n, T), dtype=torch.long, device=dev)
@@ -157,20 +172,18 @@ def smc_sample_many(
         if alpha_t != alpha_prev:  # exact bridge p^{a_prev} -> p^{a_t} (Sec. 5.3, App. B)
             flat_w += (alpha_t - alpha_prev) * log_p_seq
             alpha_prev = alpha_t
-        if truncating:
-            logp = truncate_logprobs(logp, top_k, top_p)
         with record_function("powersmc.sample"):
-            tok, incr = _draw(logp, alpha_t, tau, proposal, gen)
-        lp = logp.gather(1, tok[:, None]).squeeze(1).double()
-        flat_w.index_add_(0, alive_dev, incr)  # eq. 8
-        log_p_seq.index_add_(0, alive_dev, lp)
+            draw = engine.advance(alpha_t)
+        tok = draw.tokens
+        flat_w.index_add_(0, alive_dev, draw.incr)  # eq. 8
+        log_p_seq.index_add_(0, alive_dev, draw.logp)
         tokens[alive_dev, t - 1] = tok
         lengths[alive_dev] = t
         finished[alive_dev] = torch.isin(tok, eos)
         with record_function("powersmc.weights"):
             # eq. 13, mean over each prompt's live particles
-            lzt = incr if optimal else log_power_normalizer(logp, alpha_t)
-            logzt_hist[:, t - 1] = torch.zeros(P, **f64).index_add_(0, group_dev, lzt) / sizes_dev
+            logzt_hist[:, t - 1] = (torch.zeros(P, **f64).index_add_(0, group_dev, draw.log_z)
+                                    / sizes_dev)
             ess_t = ess(log_w)
             ess_hist[:, t - 1] = ess_t
             fire = ess_t < kappa * n
@@ -185,7 +198,7 @@ def smc_sample_many(
             raise DegenerateWeightsError("every particle has weight zero: q misses the target")
         fired = packed[:P] > 0.5
         source = packed[2 * P : 2 * P + P * n].astype(np.int64)
-        fin = packed[2 * P + P * n :] > 0.5
+        fin = packed[2 * P + P * n :][source] > 0.5
         if fired.any():  # resample the systems that asked for it (Algorithm 1, lines 17-20)
             with record_function("powersmc.resample"):
                 log_z += torch.where(fire, log_mean_weight(log_w), 0.0)
@@ -199,22 +212,26 @@ def smc_sample_many(
                     resample_steps[g].append(t)
         row_of = np.full(P * n, -1)
         row_of[alive] = np.arange(alive.size)
-        new_alive = np.flatnonzero(~fin[source])
+        last = None
+        if adapted and fired.any():
+            with record_function("powersmc.redraw"):
+                fin, last = _redraw(engine, draw, source, row_of, t, tokens, log_p_seq,
+                                    finished, eos, fin)
+        new_alive = np.flatnonzero(~fin)
         index = row_of[source[new_alive]]
         bar.update(1)
         if new_alive.size == 0 or t == T:
             break
-        if index.size != alive.size or (index != np.arange(index.size)).any():
-            with record_function("powersmc.reorder"):
-                model.reorder(state, torch.from_numpy(index).to(dev))
+        with record_function("powersmc.reorder"):
+            engine.reorder(torch.from_numpy(index).to(dev),
+                           None if last is None else last[torch.from_numpy(new_alive).to(dev)])
         alive = new_alive
         alive_dev, group_dev, sizes, sizes_dev = _live(alive, n, P, dev)
-        with record_function("powersmc.forward"):
-            logp = model.step(state, tokens[alive_dev, t - 1])
         forward_passes += 1
         evals += sizes
     bar.close()
 
+    engine.close()
     if alpha_prev != alpha:  # the ramp had not finished: bridge the rest of the way
         flat_w += (alpha - alpha_prev) * log_p_seq
     log_z += log_mean_weight(log_w)
@@ -242,22 +259,37 @@ def smc_sample_many(
     return finish(results, rounds, select, key, gen)
 
 
-def _draw(logp: torch.Tensor, alpha_t: float, tau: float | None, proposal: Proposal | None,
-          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's next token from the proposal, and its incremental log-weight
-    alpha_t log p - log q (eq. 8), float64. Under the default proposal q = p^alpha_t / Z_t
-    (Theorem 1) that weight is log Z_t, computed in the same pass as the draw."""
-    if proposal is None:
-        inv_tau = alpha_t if tau is None else 1.0 / tau
-        tok, log_norm = sample_tempered(logp, inv_tau, gen)
-        if tau is None:
-            return tok, log_norm
-        lp = logp.gather(1, tok[:, None]).squeeze(1).double()
-        return tok, alpha_t * lp - (inv_tau * lp - log_norm)
-    logq = proposal(logp, alpha_t)
-    tok, _ = sample_tempered(logq, 1.0, gen)
-    lp = logp.gather(1, tok[:, None]).squeeze(1).double()
-    return tok, alpha_t * lp - logq.gather(1, tok[:, None]).squeeze(1).double()
+def _redraw(engine: ParticleEngine, draw: Draw, source: np.ndarray, row_of: np.ndarray,
+            t: int, tokens: torch.Tensor, log_p_seq: torch.Tensor, finished: torch.Tensor,
+            eos: torch.Tensor, fin: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """The fully adapted order's draw, after a resampling at step t (`order='adapted'`).
+
+    The weight of step t is log Z_t(y_{<t}), a function of the prefix only, so selecting
+    ancestors by it and then drawing y_t ~ q(. | y_{<t}) for every child is a valid SMC step
+    for the same targets p(y_{1:t})^alpha_t: each (prefix, weight) pair is unchanged and y_t
+    is drawn from the proposal given its prefix. The first copy of an ancestor keeps the token
+    the ancestor drew (a draw from q independent of the selection, which never looked at it);
+    every further copy draws afresh. Particles copied from one that had already finished stay
+    finished. Updates tokens, log p and finished in place (particle-indexed, after
+    resampling); returns the finished flags on the host and every particle's token at t.
+    """
+    src = row_of[source]  # the batch row of each particle's ancestor; -1: finished before t
+    cand = np.flatnonzero(src >= 0)
+    _, first = np.unique(src[cand], return_index=True)
+    repeat = np.ones(cand.size, dtype=bool)
+    repeat[first] = False
+    again = cand[repeat]
+    if again.size:
+        dev = tokens.device
+        again_dev, rows = (torch.from_numpy(a).to(dev) for a in (again, src[again]))
+        fresh = engine.redraw(rows)
+        log_p_seq[again_dev] += fresh.logp - draw.logp[rows]
+        tokens[again_dev, t - 1] = fresh.tokens
+        done = torch.isin(fresh.tokens, eos)
+        finished[again_dev] = done
+        fin = fin.copy()
+        fin[again] = done.cpu().numpy()
+    return fin, tokens[:, t - 1]
 
 
 def _live(alive: np.ndarray, n: int, prompts: int, dev: torch.device):
