@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from powersmc.backends.convert import cache_dir, cache_key
 from powersmc.backends.protocol import END_TOKENS
 from powersmc.errors import InputError
 
@@ -506,9 +507,8 @@ class LlamaCppLM:
 def _f16_copy(ll, path: Path) -> Path:
     """An F16 copy of a GGUF file in the cache (written once, atomically; about 1 s for 135M
     parameters), keyed by the source's name, size and modification time."""
-    st = path.stat()
-    cache = Path(os.environ.get("POWERSMC_CACHE", Path.home() / ".cache" / "powersmc"))
-    dst = cache / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}-f16.gguf"
+    cache = cache_dir()
+    dst = cache / f"{cache_key(path)}-f16.gguf"
     if dst.is_file():
         return dst
     cache.mkdir(parents=True, exist_ok=True)
