@@ -74,7 +74,9 @@ def _source(name_or_path: str | os.PathLike | None, gguf_file: str | None) -> tu
     return name, ({"gguf_file": gguf_file} if gguf_file else {})
 
 
-BACKENDS = ("auto", "llama.cpp", "transformers")
+BACKENDS = ("auto", "llama.cpp", "transformers", "vllm")
+ENGINE_OPTIONS = ("kv_cache_gib", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                  "max_model_len", "load_format")
 
 
 def _gguf_location(name_or_path: str | os.PathLike | None, gguf_file: str | None) -> Path | None:
@@ -115,25 +117,34 @@ def load_model(
     system_prompt: str | None = None,
     threads: int | None = None,
     weights: str = "auto",
+    engine: dict[str, Any] | None = None,
 ) -> Any:
-    """Load a causal LM as a backend: `LlamaCppLM` (llama.cpp) or `TransformersLM`.
+    """Load a causal LM as a backend: `LlamaCppLM` (llama.cpp), `TransformersLM` or `VllmLM`.
 
     name_or_path: None for the embedded default model; a local directory; a `.gguf` file; or a
         Hugging Face hub id (downloaded, so it needs internet). `gguf_file` names the file
         inside a directory or hub repo holding GGUF weights.
     backend: 'auto' (default: llama.cpp for a .gguf file on CPU, else Transformers),
-        'llama.cpp' (GGUF files only; quantised weights run natively) or 'transformers'
-        (de-quantises a GGUF into float weights).
+        'llama.cpp' (GGUF files only; quantised weights run natively), 'transformers'
+        (de-quantises a GGUF into float weights) or 'vllm' (an in-process vLLM engine; a GGUF
+        file is converted once into a cached float32 Transformers directory).
     dtype: Transformers only: 'float32' (default on CPU), 'bfloat16' (default on CUDA), 'float16'.
     chat: use the model's chat template for text prompts (default: if it has one).
     threads: CPU threads (default: all cores).
     weights: llama.cpp only: 'auto', 'file' or 'f16' (see `LlamaCppLM`).
+    engine: vLLM only: engine settings (`VllmLM`: kv_cache_gib, block_size, max_num_seqs,
+        max_num_batched_tokens, max_model_len, load_format).
     """
     dev = resolve_device(device)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise InputError("threads", "an integer >= 1", threads)
     which = choose_backend(name_or_path, backend, dev, gguf_file, dtype)
+    if engine and which != "vllm":
+        raise InputError("engine", "unset unless backend='vllm'", engine)
+    if which == "vllm":
+        return _load_vllm(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads,
+                          engine or {})
     if which == "llama.cpp":
         return _load_llamacpp(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads,
                               weights)
@@ -167,6 +178,31 @@ def _load_llamacpp(name_or_path, gguf_file, dev, dtype, chat, system_prompt, thr
                       name=DEFAULT_MODEL_NAME if name_or_path is None else None)
 
 
+def _load_vllm(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads, engine):
+    from powersmc.backends.convert import hf_directory
+    from powersmc.backends.vllm_lm import VllmLM, _vllm
+
+    _vllm()  # a clear error before any conversion when vLLM is missing
+    unknown = sorted(set(engine) - set(ENGINE_OPTIONS))
+    if unknown:
+        raise InputError("engine", f"keys among {', '.join(ENGINE_OPTIONS)}", unknown)
+    if dtype is not None and not isinstance(dtype, str):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype is not None and dtype not in _DTYPES:
+        raise InputError("dtype", f"one of {', '.join(_DTYPES)}", dtype)
+    gguf = _gguf_location(name_or_path, gguf_file)
+    if gguf is not None:
+        location = str(hf_directory(gguf))
+    else:
+        location, _ = _source(name_or_path, gguf_file)
+        if gguf_file:
+            raise InputError("gguf_file", "unset for the vLLM backend with a hub id (pass the "
+                             "local .gguf file as the model)", gguf_file)
+    name = DEFAULT_MODEL_NAME if name_or_path is None else None
+    return VllmLM(location, device=dev.type, dtype=dtype, chat=chat,
+                  system_prompt=system_prompt, threads=threads, name=name, **engine)
+
+
 def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt) -> TransformersLM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -191,7 +227,7 @@ def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt)
 
 def backend_of(lm: Any) -> str:
     """The backend name of a loaded model, as `load_model(backend=...)` spells it."""
-    return {"LlamaCppLM": "llama.cpp", "TransformersLM": "transformers"}.get(
+    return {"LlamaCppLM": "llama.cpp", "TransformersLM": "transformers", "VllmLM": "vllm"}.get(
         type(lm).__name__, type(lm).__name__)
 
 

@@ -49,9 +49,12 @@ class ParticleEngine(Protocol):
         the fully adapted order (`redraw`) is exact."""
         ...
 
-    def start(self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int) -> None:
+    def start(self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int,
+              redraws: bool = False) -> None:
         """Take P prompts, `rows` particles each, nothing generated yet. `budget` bounds the
-        tokens all rows will generate together (for engines with a fixed-size cache)."""
+        tokens all rows will generate together (for engines with a fixed-size cache).
+        `redraws`: the loop may call `redraw` (the fully adapted order), so an engine that
+        cannot draw after the fact (vLLM) draws the spare tokens with every step."""
         ...
 
     def advance(self, alpha_t: float) -> Draw:
@@ -103,7 +106,9 @@ class LMParticles:
     def adaptable(self) -> bool:
         return self.tau is None and self.proposal is None
 
-    def start(self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int) -> None:
+    def start(self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int,
+              redraws: bool = False) -> None:
+        """`redraws` needs nothing here: `redraw` samples from the kept log-probs."""
         self.state, logp = self.model.prefill_many(prompts, rows, budget=budget)
         self.logp = self._target(logp)
         self.pending = None

