@@ -17,7 +17,7 @@ import torch
 
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.methods.common import check_alpha, check_positive_int, encode_prompt, make_generator
-from powersmc.methods.rollout import sample_rows, temperature_rule
+from powersmc.methods.rollout import TemperatureRule, sample_rows
 from powersmc.methods.selection import AnswerKey, apply_select, check_select
 from powersmc.results import ImportanceResult, Particle
 from powersmc.weights import ess, log_mean_weight
@@ -42,7 +42,7 @@ def bon_sample(
     check_select(select)
     ids = encode_prompt(model, prompt, max_new_tokens)
     gen, seed = make_generator(seed, model.device)
-    out, cost = sample_rows(model, ids, n, max_new_tokens, temperature_rule(1.0), gen)
+    out, cost = sample_rows(model, ids, n, max_new_tokens, TemperatureRule(1.0), gen)
     log_p = out.logp.sum(1)  # float64; zero past each row's end
     log_w = (alpha - 1.0) * log_p
     total = torch.logsumexp(log_w, 0)

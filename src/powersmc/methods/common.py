@@ -73,6 +73,14 @@ def encode_prompt(lm: LanguageModel, prompt: Prompt, max_new_tokens: int) -> lis
     return ids
 
 
+def check_logprobs_backend(lm: object, method: str) -> None:
+    """Refuse a backend that offers no next-token log-probabilities (vLLM samples tokens
+    itself) for a method that needs them."""
+    if not isinstance(lm, LanguageModel):
+        raise InputError("method", f"a backend with next-token log-probabilities (transformers, "
+                         f"llama.cpp) for {method}; {type(lm).__name__} offers none", method)
+
+
 def eos_tensor(lm: LanguageModel) -> torch.Tensor:
     return torch.tensor(lm.eos_token_ids, dtype=torch.long, device=lm.device)
 

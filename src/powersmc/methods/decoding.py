@@ -8,7 +8,7 @@ import math
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import InputError
 from powersmc.methods.common import check_positive_int, encode_prompt, make_generator
-from powersmc.methods.rollout import sample_rows, temperature_rule
+from powersmc.methods.rollout import TemperatureRule, sample_rows
 from powersmc.results import SampleResult
 
 
@@ -35,7 +35,7 @@ def sample(
     n = check_positive_int("num_samples", num_samples)
     ids = encode_prompt(model, prompt, max_new_tokens)
     gen, seed = make_generator(seed, model.device)
-    out, cost = sample_rows(model, ids, n, max_new_tokens, temperature_rule(float(temperature)),
+    out, cost = sample_rows(model, ids, n, max_new_tokens, TemperatureRule(float(temperature)),
                             gen, greedy=greedy)
     samples, fin = out.sequences(), out.finished.tolist()
     texts = [model.decode(s) for s in samples]

@@ -17,8 +17,9 @@ over the regenerated parts. Two modes:
   when the proposal ends early, no index correction, early return after a block that ends in
   EOS. Its chain is not exactly pi_alpha-invariant; tests/test_mh.py measures the bias.
 
-Unlike the published code, the prompt is prefilled once: every move forks the KV cache of the
-kept prefix (`model.fork`) instead of re-running the prompt, and the generator is seeded.
+Unlike the published code, the prompt is computed once: every move continues the kept prefix
+from its cache (a KV-cache fork, or vLLM's prefix cache) instead of re-running the prompt, and
+the generator is seeded. The backend is reached through `methods.rollout.Decoder`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from powersmc.methods.common import (
     encode_prompt,
     make_generator,
 )
-from powersmc.methods.rollout import rollout, temperature_rule
+from powersmc.methods.rollout import TemperatureRule, decoder
 from powersmc.results import Cost, SampleResult
 
 MODES = ("exact", "faithful")
@@ -80,27 +81,22 @@ def mh_sample(
     ids = encode_prompt(model, prompt, max_new_tokens)
     gen, seed = make_generator(seed, model.device)
     faithful = mode == "faithful"
-    rule = temperature_rule(1.0 / alpha, top_k=FAITHFUL_TOP_K if faithful else None)
+    rule = TemperatureRule(1.0 / alpha, top_k=FAITHFUL_TOP_K if faithful else None)
     block = math.ceil(max_new_tokens / num_blocks)
     cost = Cost()
     start = time.perf_counter()
     # the chain and one proposal are alive at once, each at most max_new_tokens long; a
     # cache that cannot free an old chain's cells at once holds up to half a chain per move
     budget = (3 + num_blocks * mh_moves // 2) * max_new_tokens
-    prompt_state, prompt_logp = model.prefill(ids, 1, budget=budget)
-    cost.add_prefill(len(ids))
+    dec = decoder(model)
+    dec.start(ids, 1, budget=budget, cost=cost)
     chain: _Chain | None = None
     proposed = accepted = 0
 
     def regenerate(j: int, cap: int) -> _Chain:
-        """Fork the kept prefix y_{<j} and sample a new suffix of at most cap - j tokens."""
-        if j == 0:
-            state, logp = model.fork(prompt_state), prompt_logp
-        else:
-            state = model.fork(chain.state, keep=j - 1)
-            logp = model.step(state, torch.tensor([chain.tokens[j - 1]], device=model.device))
-            cost.add_step(1)
-        ro = rollout(model, state, logp, cap - j, rule, gen, cost)
+        """Continue the kept prefix y_{<j} with a new suffix of at most cap - j tokens."""
+        ro = dec.sample(1, cap - j, rule, gen, cost, prefix=chain.tokens[:j] if j else (),
+                        source=chain.state if j else None)
         return _Chain.from_rollout(chain, j, ro)
 
     for k in range(1, num_blocks + 1):
@@ -108,10 +104,10 @@ def mh_sample(
         if chain is None:
             chain = regenerate(0, cap)
         elif not chain.finished and len(chain.tokens) < cap:  # extend by one block
-            logp = model.step(chain.state, torch.tensor([chain.tokens[-1]], device=model.device))
-            cost.add_step(1)
-            ro = rollout(model, chain.state, logp, cap - len(chain.tokens), rule, gen, cost)
-            chain = _Chain.from_rollout(chain, len(chain.tokens), ro)
+            n = len(chain.tokens)
+            ro = dec.sample(1, cap - n, rule, gen, cost, prefix=chain.tokens,
+                            source=chain.state, consume=True)
+            chain = _Chain.from_rollout(chain, n, ro)
         for _ in range(mh_moves):
             L = len(chain.tokens)
             j = int(torch.randint(L, (1,), generator=gen, device=model.device))

@@ -1,15 +1,21 @@
-"""The one batched decode loop every non-SMC method builds on.
+"""The one batched decode loop every non-SMC method builds on, and the `Decoder` protocol.
 
 `rollout` advances a batch of rows from a backend state by sampling from a proposal, recording
 per-token log p (the model) and log q (the proposal), and lets finished rows leave the batch.
+
+The baselines (plain / low-temperature / greedy decoding, best-of-N, MH) reach a backend
+through a `Decoder`: "start a prompt, then sample continuations of it or of a kept prefix at
+temperature tau". `LMDecoder` serves every `LanguageModel` (one prefill, KV-cache forks for
+kept prefixes, `rollout`); an engine that samples itself (vLLM) brings its own
+(`model.decoder()`). `decoder(model)` picks.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -22,29 +28,36 @@ TokenRule = Callable[[torch.Tensor, torch.Generator | None, bool],
                      tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def temperature_rule(tau: float, top_k: int | None = None,
-                     top_p: float | None = None) -> TokenRule:
+@dataclass(frozen=True)
+class TemperatureRule:
     """Sample at temperature tau from the full model, or from its top-k / top-p nucleus after
     the temperature (then only a proposal: log p stays the full model's).
 
     Greedy takes the argmax (the same token at every temperature)."""
-    from powersmc.proposals import sample_tempered, truncate_logprobs
 
-    def rule(logp: torch.Tensor, gen: torch.Generator | None,
-             greedy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        truncating = top_k or (top_p is not None and top_p < 1)
-        if truncating or greedy:
+    tau: float
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @property
+    def truncating(self) -> bool:
+        return bool(self.top_k) or (self.top_p is not None and self.top_p < 1)
+
+    def __call__(self, logp: torch.Tensor, gen: torch.Generator | None,
+                 greedy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from powersmc.proposals import sample_tempered, truncate_logprobs
+
+        tau = self.tau
+        if self.truncating or greedy:
             logq = torch.log_softmax(logp / tau, -1)
-            if truncating:
-                logq = truncate_logprobs(logq, top_k=top_k, top_p=top_p)
+            if self.truncating:
+                logq = truncate_logprobs(logq, top_k=self.top_k, top_p=self.top_p)
             tok = logq.argmax(-1) if greedy else sample_tempered(logq, 1.0, gen)[0]
             lq = logq.gather(1, tok[:, None]).squeeze(1).double()
             return tok, logp.gather(1, tok[:, None]).squeeze(1).double(), lq
         tok, log_norm = sample_tempered(logp, 1.0 / tau, gen)  # one fused pass (eq. 3)
         lp = logp.gather(1, tok[:, None]).squeeze(1).double()
         return tok, lp, lp / tau - log_norm
-
-    return rule
 
 
 @dataclass
@@ -53,7 +66,8 @@ class Rollout:
 
     `state` holds every row's prompt and tokens except each row's last sampled token, which was
     not fed (feed it with `model.step` to continue). Only meaningful for rows=1 callers when
-    rows finish at different times, since finished rows are dropped from it.
+    rows finish at different times, since finished rows are dropped from it. It is the
+    `source` of a later `Decoder.sample` (None where the engine keeps prefixes itself: vLLM).
     """
 
     tokens: torch.Tensor
@@ -69,15 +83,76 @@ class Rollout:
         return [row[:n] for row, n in zip(rows, lens, strict=True)]
 
 
-def sample_rows(model: LanguageModel, prompt_ids: list[int], rows: int, max_new_tokens: int,
-                rule: TokenRule, generator: torch.Generator | None,
+class Decoder(Protocol):
+    """Continuations of one prompt, sampled at a temperature (the baselines' view of a backend).
+
+    `start` takes the prompt (computed once); `sample` draws `rows` continuations of the
+    prompt followed by `prefix` (generated tokens kept from an earlier `Rollout`, whose `state`
+    is passed as `source`), each up to `max_tokens` tokens or an EOS id. Costs are added to
+    `cost` as the backend computes them (Sec. 6.1 token-evals)."""
+
+    device: torch.device
+
+    def start(self, prompt_ids: Sequence[int], rows: int, *, budget: int, cost: Cost) -> None:
+        """Take the prompt; `rows`: the rows the first `sample` without a prefix will draw;
+        `budget`: tokens all samples of this prompt may hold at once (sizes fixed caches)."""
+        ...
+
+    def sample(self, rows: int, max_tokens: int, rule: TemperatureRule,
+               generator: torch.Generator | None, cost: Cost, *, prefix: Sequence[int] = (),
+               source: Any = None, consume: bool = False, greedy: bool = False) -> Rollout:
+        """`rows` continuations of prompt + prefix by `rule`. `source`: the `Rollout.state`
+        `prefix` came from (it holds the prompt and at least prefix[:-1]); `consume`: the
+        caller gives `source` up, and it holds exactly prefix[:-1], so it may be advanced in
+        place (with no prefix: the prompt's own state is consumed)."""
+        ...
+
+
+class LMDecoder:
+    """`Decoder` over a `LanguageModel`: the prompt is prefilled once; a kept prefix continues
+    from a fork of its source's KV cache (`model.fork`), never from a new prefill."""
+
+    def __init__(self, model: LanguageModel) -> None:
+        self.model, self.device = model, model.device
+        self.root: Any = None
+        self.root_logp: torch.Tensor | None = None
+
+    def start(self, prompt_ids: Sequence[int], rows: int, *, budget: int, cost: Cost) -> None:
+        self.root, self.root_logp = self.model.prefill(prompt_ids, rows, budget=budget)
+        cost.add_prefill(len(prompt_ids))
+
+    def sample(self, rows: int, max_tokens: int, rule: TemperatureRule,
+               generator: torch.Generator | None, cost: Cost, *, prefix: Sequence[int] = (),
+               source: Any = None, consume: bool = False, greedy: bool = False) -> Rollout:
+        m = self.model
+        if not prefix:
+            state = self.root if consume else m.fork(self.root)
+            logp = self.root_logp
+        else:
+            state = source if consume else m.fork(source, keep=len(prefix) - 1)
+            logp = m.step(state, torch.tensor([int(prefix[-1])], device=self.device))
+            cost.add_step(logp.shape[0])
+        if logp.shape[0] != rows:
+            m.reorder(state, torch.zeros(rows, dtype=torch.long, device=self.device))
+            logp = logp[:1].expand(rows, -1)
+        return rollout(m, state, logp, max_tokens, rule, generator, cost, greedy=greedy)
+
+
+def decoder(model: Any) -> Decoder:
+    """The `Decoder` for `model`: its own (`model.decoder()`, e.g. vLLM) or `LMDecoder`."""
+    native = getattr(model, "decoder", None)
+    return native() if native is not None else LMDecoder(model)
+
+
+def sample_rows(model: Any, prompt_ids: list[int], rows: int, max_new_tokens: int,
+                rule: TemperatureRule, generator: torch.Generator | None,
                 greedy: bool = False) -> tuple[Rollout, Cost]:
-    """`rows` independent continuations of one prompt (prefilled once), by `rule`; the cost
-    accounts the prefill and every step, and its seconds the whole call."""
+    """`rows` independent continuations of one prompt (computed once), by `rule`; the cost
+    accounts the prompt and every step, and its seconds the whole call."""
     cost, start = Cost(), time.perf_counter()
-    state, logp = model.prefill(prompt_ids, rows, budget=rows * max_new_tokens)
-    cost.add_prefill(len(prompt_ids))
-    out = rollout(model, state, logp, max_new_tokens, rule, generator, cost, greedy=greedy)
+    dec = decoder(model)
+    dec.start(prompt_ids, rows, budget=rows * max_new_tokens, cost=cost)
+    out = dec.sample(rows, max_new_tokens, rule, generator, cost, consume=True, greedy=greedy)
     cost.seconds = time.perf_counter() - start
     return out, cost
 

@@ -23,11 +23,12 @@ import torch
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.methods.common import (
     check_alpha,
+    check_logprobs_backend,
     check_positive_int,
     encode_prompt,
     make_generator,
 )
-from powersmc.methods.rollout import rollout, temperature_rule
+from powersmc.methods.rollout import TemperatureRule, rollout
 from powersmc.results import Cost, SampleResult
 
 
@@ -61,7 +62,7 @@ def power_next_token(
         model.reorder(fork, torch.zeros(rows.numel(), dtype=torch.long, device=logp.device))
         first = model.step(fork, cand[rows])
         cost.add_step(rows.numel())
-        ro = rollout(model, fork, first, horizon, temperature_rule(1.0), generator, cost)
+        ro = rollout(model, fork, first, horizon, TemperatureRule(1.0), generator, cost)
         log_zeta[live] = (alpha - 1.0) * ro.logp.sum(1).view(live.numel(), m)
     base = alpha * lp_cand
 
@@ -100,6 +101,7 @@ def scalable_power_sample(
     (K is not called `top_k`: in this library `top_k` always means truncating the target.)
     """
     alpha = check_alpha(alpha)
+    check_logprobs_backend(model, "spower")
     check_positive_int("candidates", candidates)
     check_positive_int("rollouts", rollouts)
     check_positive_int("horizon", horizon)

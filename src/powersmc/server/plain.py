@@ -10,7 +10,7 @@ from __future__ import annotations
 from powersmc.backends.protocol import LanguageModel
 from powersmc.methods.common import check_positive_int, make_generator
 from powersmc.methods.decoding import sample
-from powersmc.methods.rollout import sample_rows, temperature_rule
+from powersmc.methods.rollout import TemperatureRule, sample_rows
 from powersmc.results import SampleResult
 
 
@@ -28,7 +28,7 @@ def plain_sample(model: LanguageModel, prompt_ids: list[int], *, temperature: fl
     n = check_positive_int("num_samples", num_samples)
     gen, seed = make_generator(seed, model.device)
 
-    rule = temperature_rule(temperature, top_k=top_k, top_p=top_p)
+    rule = TemperatureRule(temperature, top_k=top_k, top_p=top_p)
     out, cost = sample_rows(model, prompt_ids, n, max_new_tokens, rule, gen)
     samples, fin = out.sequences(), out.finished.tolist()
     texts = [model.decode(s) for s in samples]
