@@ -26,8 +26,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="model dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     g.add_argument("--backend", default="auto",
-                   help="auto (llama.cpp for a .gguf on CPU, else transformers), llama.cpp "
-                        "or transformers")
+                   help="auto (llama.cpp for a .gguf on CPU, else transformers), llama.cpp, "
+                        "transformers or vllm (needs the vllm extra)")
+    g.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="vllm: KV cache size in GiB (default: 2 on CPU)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--weights", default="auto",
                    help="llama.cpp: auto (F16 copy for small Q4_1/Q5_1 files), file or f16")
@@ -137,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from powersmc.models import load_model
 
+    engine = {"kv_cache_gib": args.kv_cache_gib} if args.kv_cache_gib is not None else None
     return load_model(args.model, backend=args.backend, gguf_file=args.gguf_file,
                       device=args.device, dtype=args.dtype, chat=False if args.raw else None,
-                      threads=args.threads, weights=args.weights)
+                      threads=args.threads, weights=args.weights, engine=engine)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:

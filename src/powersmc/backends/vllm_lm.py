@@ -82,7 +82,7 @@ class VllmLM:
             a block per re-submitted row), or rows are re-submitted once more.
         max_model_len: context length (default: the model's).
         load_format: 'auto', or 'dummy' (random weights: timing runs from a config.json).
-        threads: CPU threads (OMP_NUM_THREADS of the engine).
+        threads: CPU threads (OMP_NUM_THREADS; default: all cores).
         name: the model's name in reports.
     """
 
@@ -98,8 +98,11 @@ class VllmLM:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the processor's side channel
+        # In process, vLLM would otherwise cut this process's torch threads to 1 (meant for a
+        # separate engine process), slowing the processor and any other backend loaded here.
         if threads is not None:
             os.environ["OMP_NUM_THREADS"] = str(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         cpu = device == "cpu"
         if block_size is None and cpu:
             block_size = CPU_BLOCK
