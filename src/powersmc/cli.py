@@ -260,6 +260,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from powersmc.models import backend_of
 
     names = [b.strip() for b in args.backend.split(",") if b.strip()] or ["auto"]
+    if names[0] == "vllm":  # the full bench needs per-step log-probs (s(b), the profile)
+        raise InputError("--backend", "a first backend with next-token log-probabilities "
+                         "(transformers, llama.cpp); vllm may follow it, and "
+                         "benchmarks/vllm_bench.py times vLLM against its own sampling",
+                         args.backend)
     lms, load = [], {}
     for name in names:  # the first backend gets the full bench; the others run beside it
         args.backend = name

@@ -73,12 +73,12 @@ def encode_prompt(lm: LanguageModel, prompt: Prompt, max_new_tokens: int) -> lis
     return ids
 
 
-def check_logprobs_backend(lm: object, method: str) -> None:
+def check_logprobs_backend(lm: object, argument: str, use: str) -> None:
     """Refuse a backend that offers no next-token log-probabilities (vLLM samples tokens
-    itself) for a method that needs them."""
+    itself) where `use` needs them; the error names `argument`."""
     if not isinstance(lm, LanguageModel):
-        raise InputError("method", f"a backend with next-token log-probabilities (transformers, "
-                         f"llama.cpp) for {method}; {type(lm).__name__} offers none", method)
+        raise InputError(argument, f"a backend with next-token log-probabilities (transformers, "
+                         f"llama.cpp) for {use}; {type(lm).__name__} offers none")
 
 
 def eos_tensor(lm: LanguageModel) -> torch.Tensor:

@@ -101,7 +101,7 @@ def scalable_power_sample(
     (K is not called `top_k`: in this library `top_k` always means truncating the target.)
     """
     alpha = check_alpha(alpha)
-    check_logprobs_backend(model, "spower")
+    check_logprobs_backend(model, "method", "spower (Scalable Power Sampling)")
     check_positive_int("candidates", candidates)
     check_positive_int("rollouts", rollouts)
     check_positive_int("horizon", horizon)
