@@ -143,6 +143,7 @@ class VllmLM:
         self.name = name or f"{Path(str(model)).name} (vLLM)"
         self._ids = itertools.count()
         self.live: set[str] = set()  # request ids this object has in the engine
+        self.groups: list[str] = []  # the processor spec of the run under way
 
     def _default_eos(self, model: str) -> tuple[int, ...]:
         """The generation config's and tokenizer's EOS ids and the usual end-of-turn tokens:
@@ -206,14 +207,19 @@ class VllmLM:
         finish (an exception, an interrupt), which would otherwise go on decoding."""
         if self.live:
             self.abort(list(self.live))
+        for old in self.groups:
+            vp.GROUPS.pop(old, None)
         gid = uuid.uuid4().hex[:12]
         vp.GROUPS[gid] = spec
+        self.groups = [gid]
         return gid
 
     def release(self, gid: str, requests: Sequence[str]) -> None:
         """End a run: abort its requests and forget its spec."""
         self.abort([r for r in requests if r in self.live])
         vp.GROUPS.pop(gid, None)
+        if gid in self.groups:
+            self.groups.remove(gid)
 
     def submit(self, gid: str, prefix: Sequence[int], *, seed: int, max_tokens: int | None = None,
                stop: bool = False, greedy: bool = False) -> str:
