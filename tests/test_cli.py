@@ -20,6 +20,7 @@ def _cli(*args):
     (["sample", "--prompt", "hi", "--method", "beam"], "method"),
     (["sample", "--prompt", "hi", "--resampler", "x"], "resampler"),
     (["sample", "--prompt", "hi", "--rounds", "0"], "rounds"),
+    (["sample", "--prompt", "hi", "--order", "reverse"], "--order"),
     (["sample", "--prompt", "hi", "--method", "bon", "--bon-samples", "0"], "bon_samples"),
     (["sample", "--prompt", "hi", "--select", "best"], "select"),
     (["sample", "--prompt-file", "/no/such/file"], "--prompt-file"),

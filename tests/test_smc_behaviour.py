@@ -84,6 +84,9 @@ def test_fixed_temperature_and_custom_proposal_stay_exact_in_expectation():
         ({"ramp_tokens": -2}, "ramp_tokens"),
         ({"top_k": 0}, "top_k"),
         ({"top_p": 1.5}, "top_p"),
+        ({"order": "backwards"}, "order"),
+        ({"order": "adapted", "tau": 0.5}, "order"),
+        ({"order": "adapted", "proposal": lambda lp, a: lp}, "order"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, arg):

@@ -44,6 +44,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resampler", default="systematic",
                    help="systematic, multinomial, stratified, residual or chopthin")
     g.add_argument("--ramp-tokens", type=int, default=0, help="linear alpha-ramp length (0: off)")
+    g.add_argument("--order", default="standard",
+                   help="SMC: standard (Algorithm 1) or adapted (resample before the draw)")
     g.add_argument("--rounds", type=int, default=1,
                    help="SMC: independent particle systems, combined by their evidence")
     g.add_argument("--max-new-tokens", type=int, default=256)
@@ -67,6 +69,8 @@ def method_options(args: argparse.Namespace) -> dict:
     }
     if args.rounds != 1:
         opts["rounds"] = args.rounds
+    if args.order != "standard":
+        opts["order"] = args.order
     if args.bon_samples is not None:
         opts["bon_samples"] = args.bon_samples
     return opts
@@ -83,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     _sampling_args(s)
     s.add_argument("--method", default="smc",
-                   help="smc, mh, mh-faithful, spower, lowtemp, plain, greedy or bon")
+                   help="smc, smc-adapted, mh, mh-faithful, spower, lowtemp, plain, greedy "
+                   "or bon")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--select", default="sample",
                    help="sample (draw one particle) or vote (answer with the most weight)")
@@ -93,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", required=True,
                    help="builtin, math500, gsm8k, a JSONL path or a hub id")
     e.add_argument("--methods", default="plain,lowtemp,mh,spower,smc",
-                   help="comma-separated: smc, mh, mh-faithful, spower, lowtemp, plain, greedy, "
-                   "bon")
+                   help="comma-separated: smc, smc-adapted, mh, mh-faithful, spower, lowtemp, "
+                   "plain, greedy, bon")
     e.add_argument("--seeds", default="0", help="comma-separated seeds")
     e.add_argument("--limit", type=int, default=None, help="first N problems (after --subset)")
     e.add_argument("--subset", default=None, help="'i:j', 'level=5', 'subject=Algebra'")
@@ -156,6 +161,7 @@ def _check_sampling(args: argparse.Namespace) -> None:
     """Validate cheap arguments before the (slow) model load."""
     from powersmc.methods import common
     from powersmc.methods.registry import check_method
+    from powersmc.methods.smc import ORDERS
     from powersmc.resampling import get_resampler
 
     common.check_alpha(args.alpha)
@@ -167,6 +173,8 @@ def _check_sampling(args: argparse.Namespace) -> None:
         common.check_positive_int("bon_samples", args.bon_samples)
     common.check_positive_int("max_new_tokens", args.max_new_tokens)
     get_resampler(args.resampler)
+    if args.order not in ORDERS:
+        raise InputError("--order", f"one of {', '.join(ORDERS)}", args.order)
     check_method(args.method)
 
 

@@ -1,15 +1,25 @@
 """Power-SMC (Algorithm 1): N particles in one batched decode, exact weights, ESS resampling.
 
-Hot-path design (one decode step, all on the backend's device):
+Written once for every engine: the loop keeps the weights, ESS, resampling decisions,
+alpha-bridge, evidence and diagnostics, and drives a `ParticleEngine` (`backends.particles`)
+that draws one token per live particle and applies ancestor indices. Backends that return
+log-probabilities (Transformers, llama.cpp, toy models) are served by `LMParticles`; an engine
+that samples tokens itself (vLLM) implements the interface natively.
+
+Hot-path design (one decode step, all on the engine's device):
   * one batched forward over the live particles; finished particles have left the batch (App. D);
   * sampling, log-weights (eq. 8), ESS (eq. 6) and the would-be ancestors are computed on the
     device; a single host transfer per step brings back (resample flag, ancestors, finished);
-  * the KV cache is reindexed only when resampling fired or a particle finished, and only for
-    rows that change (App. C, `backends.kvcache`);
+  * the engine reindexes its state only when resampling fired or a particle finished, and only
+    for rows that change (App. C, `backends.kvcache`);
   * token ids stay in an [P*N, T] device tensor; text is decoded once, at the end.
 
 Several prompts share one batch (`smc_sample_many`): prompt p owns particles p*N .. p*N+N-1,
 with its own weights, ESS, resampling and evidence; only the forward pass is shared.
+
+`order='adapted'` is the fully adapted order of auxiliary particle filters: under the default
+proposal the incremental weight log Z_t depends on the prefix only, so resampling can come
+before the draw and copies of a particle draw their own next tokens (`_redraw`).
 """
 
 from __future__ import annotations
