@@ -126,7 +126,9 @@ def smc_sample_many(
             tokens instead of sharing one). Same forward passes; needs tau = proposal = None.
 
     Cost per result: `token_evals` and `prefill_tokens` are that prompt's own; `seconds` and
-    `forward_passes` are the batch's (the answer is ready when the batch is).
+    `forward_passes` are the batch's (the answer is ready when the batch is). A backend with a
+    row limit (`max_rows`, llama.cpp) runs the P * rounds systems in consecutive batches of as
+    many whole systems as fit.
     """
     alpha = check_alpha(alpha)
     n = check_positive_int("particles", particles)
@@ -151,7 +153,26 @@ def smc_sample_many(
                          "needs the default proposal, whose weight depends on the prefix only)",
                          order)
 
-    dev, T, P = model.device, max_new_tokens, len(prompt_ids)
+    # as many whole particle systems per batch as the engine holds rows (llama.cpp: 255);
+    # the rest run after them on the same generator, each system still an exact run
+    limit = getattr(model, "max_rows", None) or len(prompt_ids) * n
+    if n > limit:
+        raise InputError("particles", f"at most {limit} on this backend", n)
+    per = limit // n
+    results = []
+    for lo in range(0, len(prompt_ids), per):
+        results += _systems(model, engine, prompt_ids[lo : lo + per], n=n, kappa=kappa,
+                            resample=resample, schedule=schedule, alpha=alpha,
+                            adapted=adapted, gen=gen, seed=seed, T=max_new_tokens,
+                            progress=progress)
+    return finish(results, rounds, select, key, gen)
+
+
+def _systems(model: LanguageModel, engine: ParticleEngine, prompt_ids: list[list[int]], *,
+             n: int, kappa: float, resample, schedule: Schedule, alpha: float, adapted: bool,
+             gen: torch.Generator, seed: int, T: int, progress: bool) -> list[SMCResult]:
+    """Algorithm 1 on P independent particle systems of n particles in one batch."""
+    dev, P = model.device, len(prompt_ids)
     f64 = dict(dtype=torch.float64, device=dev)
     start = time.perf_counter()
     engine.start(prompt_ids, n, budget=P * n * T)
@@ -266,7 +287,7 @@ def smc_sample_many(
             stats={"chosen_particle": chosen[g], "num_resamples": len(resample_steps[g]),
                    "batch_prompts": P},
         ))
-    return finish(results, rounds, select, key, gen)
+    return results
 
 
 def _redraw(engine: ParticleEngine, draw: Draw, source: np.ndarray, row_of: np.ndarray,
