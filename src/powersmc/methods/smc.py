@@ -54,6 +54,12 @@ from powersmc.weights import ess, log_mean_weight
 ORDERS = ("standard", "adapted")
 
 
+def check_order(order: str) -> str:
+    if order not in ORDERS:
+        raise InputError("order", f"one of {', '.join(ORDERS)}", order)
+    return order
+
+
 def smc_sample(model: LanguageModel, prompt: Prompt, **options) -> SMCResult:
     """Draw one answer from pi_alpha(y|x) proportional to p(y|x)^alpha with Power-SMC.
 
@@ -136,9 +142,7 @@ def smc_sample_many(
     check_nonnegative_int("ramp_tokens", ramp_tokens)
     check_positive_int("rounds", rounds)
     check_select(select)
-    if order not in ORDERS:
-        raise InputError("order", f"one of {', '.join(ORDERS)}", order)
-    adapted = order == "adapted"
+    adapted = check_order(order) == "adapted"
     resample = get_resampler(resampler)
     check_truncation(top_k, top_p)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
