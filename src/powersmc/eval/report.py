@@ -20,7 +20,7 @@ from pathlib import Path
 from powersmc.errors import InputError
 from powersmc.eval.labels import dataset_label, model_label
 from powersmc.eval.paired import compare, latency_ratios
-from powersmc.eval.runner import CONFIG, RESULTS, read_results
+from powersmc.eval.store import CONFIG, RESULTS, read_results
 
 Z95 = 1.959963984540054
 
