@@ -2,7 +2,8 @@
 
 The run directory's settings are fixed by its `config.json`: re-running the same command
 resumes it (`eval.store`), other settings are refused. The work is a list of units
-(`eval.units`) run here one after another on one model.
+(`eval.units`), run here one after another on one model, or on K Ray workers
+(`eval.ray_pool`); either way the same rows, written by this process alone.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from powersmc.backends.protocol import LanguageModel
 from powersmc.errors import InputError
 from powersmc.eval.data import Problem
 from powersmc.eval.labels import model_label
+from powersmc.eval.ray_pool import WorkerPool
 from powersmc.eval.store import CONFIG, RunLog
 from powersmc.eval.units import Settings, plan, run_unit
 from powersmc.methods.registry import check_method
-from powersmc.models import DEFAULT_MODEL_NAME
+from powersmc.models import DEFAULT_MODEL_NAME, ModelSpec
 
 
 def _check_config(out: Path, config: dict) -> None:
@@ -39,7 +41,7 @@ def _check_config(out: Path, config: dict) -> None:
 
 
 def run_eval(
-    model: LanguageModel,
+    model: LanguageModel | ModelSpec | WorkerPool,
     problems: list[Problem],
     *,
     methods: list[str],
@@ -52,8 +54,22 @@ def run_eval(
     config_extra: dict[str, Any] | None = None,
     progress: bool = True,
     batch_prompts: int = 1,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> list[dict]:
-    """Evaluate `methods` on `problems` for each seed; returns all results (old and new)."""
+    """Evaluate `methods` on `problems` for each seed; returns all results (old and new).
+
+    `model`: a loaded model, run in this process; a `ModelSpec`, built here, or with
+    `workers` = K built by each of K Ray workers (joining the cluster at `ray_address`, else
+    starting a local one); or a started `WorkerPool`. Units that fail on every attempt on Ray
+    are recorded in failures.jsonl (the in-process path stops at the first exception).
+    """
+    if workers is not None and not isinstance(model, ModelSpec):
+        raise InputError("workers", "a ModelSpec as the model (each Ray worker builds its own)",
+                         type(model).__name__)
+    if ray_address is not None and workers is None:
+        raise InputError("ray_address", "set only with workers", ray_address)
+    pool = None if workers is None else WorkerPool(model, workers, address=ray_address)
     for m in methods:
         check_method(m)
     if not seeds:
@@ -72,7 +88,15 @@ def run_eval(
     _check_config(out, config)
     settings = Settings(alpha, max_new_tokens, options)
     with RunLog(out, len(problems) * len(seeds) * len(methods), progress) as log:
-        for unit in plan(problems, methods, seeds, template, batch_prompts, log.done):
-            for row in run_unit(model, unit, settings):
-                log.write(row)
+        units = plan(problems, methods, seeds, template, batch_prompts, log.done)
+        if isinstance(model, WorkerPool):
+            model.run(units, settings, log)
+        elif units and pool is not None:  # (a finished run starts no workers)
+            with pool:
+                pool.run(units, settings, log)
+        elif units:
+            lm = model.build() if isinstance(model, ModelSpec) else model
+            for unit in units:
+                for row in run_unit(lm, unit, settings):
+                    log.write(row)
         return log.results
