@@ -142,3 +142,11 @@ def test_cli_eval_on_two_workers_writes_the_rows_of_one_process(tmp_path):
     assert "all workers: 4 answers" in two.stdout and "| greedy |" in two.stdout
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config == json.loads((tmp_path / "here" / "config.json").read_text())
+
+
+def test_an_address_where_no_cluster_answers_is_refused_at_once(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "powersmc", "eval", "--dataset", "builtin",
+                        "--workers", "1", "--ray-address", "127.0.0.1:1",
+                        "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("powersmc eval: error: --ray-address: host:port of a running Ray")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -135,6 +136,8 @@ class WorkerPool:
                 raise InputError("--ray-address", "unset when this process is already "
                                  "connected to Ray", self.address)
         else:
+            if self.address is not None:
+                _check_reachable(self.address)
             self._own = True
             local = {} if self.address else {"include_dashboard": False}
             try:
@@ -271,6 +274,19 @@ class WorkerPool:
         self._slots, self._pending = [], {}
         if self._own and self._ray.is_initialized():
             self._ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once on a host:port where nothing listens (Ray itself retries for minutes);
+    'auto' and ray:// addresses are left to Ray."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError):
+        raise InputError("--ray-address", "host:port of a running Ray cluster (`ray start "
+                         "--head` prints it); nothing answers there", address) from None
 
 
 def _error(exc: BaseException) -> str:
