@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -96,9 +97,10 @@ class _Slot:
 
 class WorkerPool:
     """K Ray actors, each holding one model built from `spec`. As a context manager it starts
-    them (joining the Ray cluster at `address`, else the one this process is already connected
-    to, else a new local one) and waits for their models; on exit it kills them, and shuts Ray
-    down if it started it. `info` describes the first worker's model."""
+    them on the Ray session this process is already connected to, else on the cluster at
+    `address` (or `RAY_ADDRESS`), else on a new local cluster, and waits for their models; on
+    exit it kills them, and disconnects from Ray if it connected. `info` describes the first
+    worker's model; `stats` (after `run`) its workers' throughput."""
 
     def __init__(self, spec: ModelSpec, workers: int, *, address: str | None = None) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -139,13 +141,17 @@ class WorkerPool:
             if self.address is not None:
                 _check_reachable(self.address)
             self._own = True
-            local = {} if self.address else {"include_dashboard": False}
+            # no address: RAY_ADDRESS (as `ray job submit` sets it), else a new local cluster
+            # (plain ray.init() would join one `ray start` left on this machine, even a dead one)
+            address = self.address or (None if os.environ.get("RAY_ADDRESS") else "local")
             try:
-                ray.init(address=self.address, log_to_driver=False,
-                         logging_level=logging.WARNING, **local)
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
             except ConnectionError as exc:
                 raise InputError("--ray-address", "the address of a running Ray cluster "
-                                 f"(`ray start --head` prints it): {exc}", self.address) from None
+                                 "(`ray start --head` prints it; a cluster with token "
+                                 f"authentication needs RAY_AUTH_MODE=token here): {exc}",
+                                 address) from None
         res = ray.cluster_resources()
         cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
         use_gpu = self.device == "cuda" or (self.device == "auto" and gpus >= 1)
@@ -258,7 +264,7 @@ class WorkerPool:
         if not self.stats:
             return "workers: no unit left to run"
         lines = [f"worker {w['worker']} ({w.get('node', '?')}, {w.get('device', '?')}, "
-                 f"{w.get('threads', '?')} threads): {w['answers']} answers in "
+                 f"threads={w.get('threads', '?')}): {w['answers']} answers in "
                  f"{w['seconds']:.1f} s busy, {w['answers_per_minute']:.1f} answers/min, "
                  f"{w['failed_units']} failed units, {w['restarts']} restarts"
                  for w in self.stats["workers"]]
@@ -267,7 +273,8 @@ class WorkerPool:
                           f"{self.stats['answers_per_minute']:.1f} answers/min"])
 
     def close(self) -> None:
-        """Kill the workers; shut Ray down if this pool started it."""
+        """Kill the workers; disconnect from Ray if this pool connected (a local cluster it
+        started stops)."""
         for slot in self._slots:
             if slot.actor is not None:
                 self._ray.kill(slot.actor)
@@ -278,8 +285,8 @@ class WorkerPool:
 
 def _check_reachable(address: str) -> None:
     """Fail at once on a host:port where nothing listens (Ray itself retries for minutes);
-    'auto' and ray:// addresses are left to Ray."""
-    if address == "auto" or "://" in address:
+    'auto', 'local' and ray:// addresses are left to Ray."""
+    if address in ("auto", "local") or "://" in address:
         return
     host, _, port = address.rpartition(":")
     try:
