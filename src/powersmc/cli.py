@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -141,8 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_kwargs(args: argparse.Namespace) -> dict:
-    """`load_model`'s arguments from the CLI (also how each Ray worker loads its model)."""
-    return dict(name_or_path=args.model, backend=args.backend, gguf_file=args.gguf_file,
+    """`load_model`'s arguments from the CLI (also how each Ray worker loads its model, so a
+    local model path is made absolute: a worker need not share the driver's directory)."""
+    model = args.model
+    if model is not None and os.path.exists(os.path.expanduser(model)):
+        model = os.path.abspath(os.path.expanduser(model))
+    return dict(name_or_path=model, backend=args.backend, gguf_file=args.gguf_file,
                 device=args.device, dtype=args.dtype, chat=False if args.raw else None,
                 threads=args.threads, weights=args.weights)
 
