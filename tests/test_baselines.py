@@ -167,7 +167,7 @@ def test_shared_options_never_truncate_smc():
             "mh_moves": 1}
     with warnings.catch_warnings():
         warnings.simplefilter("error", TruncatedTargetWarning)
-        for method in ("smc", "spower", "mh", "plain", "lowtemp", "bon"):
+        for method in ("smc", "smc-adapted", "spower", "mh", "plain", "lowtemp", "bon"):
             run_method(method, random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0, **opts)
 
 
@@ -186,6 +186,11 @@ def test_shared_options_reach_each_method():
     many = run_smc_many(random_lm(), [PROMPT, [2]], alpha=ALPHA, max_new_tokens=3, seed=0,
                         **opts)
     assert [len(x.particles) for x in many] == [3, 3]
+    # 'smc-adapted' is Power-SMC with order='adapted', whatever order the options name
+    same = [run_method(m, random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0, **o)
+            for m, o in (("smc-adapted", {**opts, "order": "standard"}),
+                         ("smc", {**opts, "order": "adapted"}))]
+    assert same[0].token_ids == same[1].token_ids and same[0].log_z == same[1].log_z
 
 
 # ---- importance-resampled best-of-N -----------------------------------------------------------

@@ -16,7 +16,7 @@ from powersmc import InputError
 from powersmc.eval.data import load_problems
 from powersmc.eval.grading import grade, last_boxed, math_equal, normalize
 from powersmc.eval.report import pass_at_k, report, wilson
-from powersmc.eval.runner import read_results
+from powersmc.eval.store import read_results
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -203,7 +203,7 @@ def test_exact_mcnemar_and_paired_bootstrap():
 
 def test_vote_is_graded_by_the_graders_normalisation():
     from powersmc.eval.problem import Problem
-    from powersmc.eval.runner import _vote
+    from powersmc.eval.units import vote
     from powersmc.results import Particle, SMCResult
 
     parts = [Particle([], r"so \boxed{\frac12}", 0.0, True),
@@ -212,7 +212,7 @@ def test_vote_is_graded_by_the_graders_normalisation():
              Particle([], "no box", 3.0, True)]
     res = SMCResult(method="smc", text=parts[2].text, token_ids=[], seed=0, cost=None,
                     particles=parts)
-    v = _vote(res, Problem("q", "?", r"\frac{1}{2}", "math"))
+    v = vote(res, Problem("q", "?", r"\frac{1}{2}", "math"))
     # 1/2 (two spellings) outweighs 3 among the particles with an answer; 'no box' abstains
     assert v["voted_correct"] and v["voted_answer"] == parts[0].text
     w = [math.exp(p.log_weight) for p in parts]

@@ -25,7 +25,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 CONFIG = dict(model_name="toy", api_key=KEY, max_particles=32, max_batch=8,
               batch_wait_ms=50, max_queue=8, max_body_bytes=16_384,
               defaults={"method": "smc", "alpha": 4.0, "particles": 4, "ess_threshold": 0.5,
-                        "resampler": "systematic", "ramp_tokens": 0, "max_tokens": 32,
+                        "resampler": "systematic", "ramp_tokens": 0, "order": "standard",
+                        "max_tokens": 32,
                         "num_blocks": 2, "mh_moves": 1, "candidates": 2, "rollouts": 2,
                         "horizon": 4})
 
@@ -96,6 +97,7 @@ def test_n_and_prompt_lists_are_prompt_major_and_stop_truncates(toy):
     {"method": "mh", "num_blocks": 2, "mh_moves": 1}, {"method": "mh-faithful"},
     {"method": "spower", "candidates": 2, "rollouts": 2, "horizon": 2},
     {"temperature": 1.0, "top_p": 1.0},  # neutral values do not change the target
+    {"order": "adapted", "resampler": "multinomial"},
 ])
 def test_every_method_answers(toy, extra):
     url, _ = toy
@@ -116,6 +118,7 @@ def test_every_method_answers(toy, extra):
     ({"prompt": "x", "max_tokens": "8"}, 400, "max_tokens"),
     ({"prompt": "x", "ess_threshold": 2}, 400, "ess_threshold"),
     ({"prompt": "x", "resampler": "magic"}, 400, "resampler"),
+    ({"prompt": "x", "order": "reverse"}, 400, "order"),
     ({"prompt": "x", "method": "beam"}, 400, "method"),
     ({"prompt": "x", "temperature": 0.7}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0.9}, 400, "top_p"),

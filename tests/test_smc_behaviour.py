@@ -84,6 +84,9 @@ def test_fixed_temperature_and_custom_proposal_stay_exact_in_expectation():
         ({"ramp_tokens": -2}, "ramp_tokens"),
         ({"top_k": 0}, "top_k"),
         ({"top_p": 1.5}, "top_p"),
+        ({"order": "backwards"}, "order"),
+        ({"order": "adapted", "tau": 0.5}, "order"),
+        ({"order": "adapted", "proposal": lambda lp, a: lp}, "order"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, arg):
@@ -124,3 +127,22 @@ def test_log_z_t_is_the_power_normalizer():
         r = smc_sample(lm, PROMPT, alpha=4.0, particles=8, max_new_tokens=HORIZON, seed=0,
                        tau=tau)
         assert abs(r.log_z_t[0] - exact) < 1e-5
+
+
+def test_row_limited_backend_runs_systems_in_consecutive_batches():
+    """A backend holding at most `max_rows` rows (llama.cpp: 255) gets the P * rounds particle
+    systems in batches of whole systems; more particles than rows is a clear error."""
+    lm = random_lm()
+    lm.max_rows = 8
+    sizes = []
+    inner = lm.prefill_many
+
+    def counting(prompts, rows, **kw):
+        sizes.append(len(prompts) * rows)
+        return inner(prompts, rows, **kw)
+
+    lm.prefill_many = counting
+    r = smc_sample(lm, PROMPT, particles=4, rounds=5, max_new_tokens=4, seed=0)
+    assert sizes == [8, 8, 4] and len(r.particles) == 20 and r.stats["rounds"] == 5
+    with pytest.raises(InputError, match="^particles: at most 8"):
+        smc_sample(lm, PROMPT, particles=9, max_new_tokens=4, seed=0)

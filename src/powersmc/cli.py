@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
-from powersmc.errors import InputError
+from powersmc.errors import InputError, WorkerError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +48,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resampler", default="systematic",
                    help="systematic, multinomial, stratified, residual or chopthin")
     g.add_argument("--ramp-tokens", type=int, default=0, help="linear alpha-ramp length (0: off)")
+    g.add_argument("--order", default="standard",
+                   help="SMC: standard (Algorithm 1) or adapted (resample before the draw)")
     g.add_argument("--rounds", type=int, default=1,
                    help="SMC: independent particle systems, combined by their evidence")
     g.add_argument("--max-new-tokens", type=int, default=256)
@@ -69,6 +73,8 @@ def method_options(args: argparse.Namespace) -> dict:
     }
     if args.rounds != 1:
         opts["rounds"] = args.rounds
+    if args.order != "standard":
+        opts["order"] = args.order
     if args.bon_samples is not None:
         opts["bon_samples"] = args.bon_samples
     return opts
@@ -85,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     _sampling_args(s)
     s.add_argument("--method", default="smc",
-                   help="smc, mh, mh-faithful, spower, lowtemp, plain, greedy or bon")
+                   help="smc, smc-adapted, mh, mh-faithful, spower, lowtemp, plain, greedy "
+                   "or bon")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--select", default="sample",
                    help="sample (draw one particle) or vote (answer with the most weight)")
@@ -95,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", required=True,
                    help="builtin, math500, gsm8k, a JSONL path or a hub id")
     e.add_argument("--methods", default="plain,lowtemp,mh,spower,smc",
-                   help="comma-separated: smc, mh, mh-faithful, spower, lowtemp, plain, greedy, "
-                   "bon")
+                   help="comma-separated: smc, smc-adapted, mh, mh-faithful, spower, lowtemp, "
+                   "plain, greedy, bon")
     e.add_argument("--seeds", default="0", help="comma-separated seeds")
     e.add_argument("--limit", type=int, default=None, help="first N problems (after --subset)")
     e.add_argument("--subset", default=None, help="'i:j', 'level=5', 'subject=Algebra'")
@@ -105,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="run directory (re-run to resume)")
     e.add_argument("--batch-prompts", type=int, default=1,
                    help="run Power-SMC on this many problems per batch (P x N particles)")
+    e.add_argument("--workers", type=int, default=None,
+                   help="run on K Ray workers, one model each (one GPU each on CUDA; "
+                        "cores // K threads each on CPU); needs powersmc[ray]")
+    e.add_argument("--ray-address", default=None,
+                   help="with --workers: join this Ray cluster (default: start a local one)")
     e.add_argument("--no-progress", action="store_true")
     _model_args(e)
     _sampling_args(e)
@@ -136,13 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_kwargs(args: argparse.Namespace) -> dict:
+    """`load_model`'s arguments from the CLI (also how each Ray worker loads its model, so a
+    local model path is made absolute: a worker need not share the driver's directory)."""
+    model = args.model
+    if model is not None and os.path.exists(os.path.expanduser(model)):
+        model = os.path.abspath(os.path.expanduser(model))
+    engine = {"kv_cache_gib": args.kv_cache_gib} if args.kv_cache_gib is not None else None
+    return dict(name_or_path=model, backend=args.backend, gguf_file=args.gguf_file,
+                device=args.device, dtype=args.dtype, chat=False if args.raw else None,
+                threads=args.threads, weights=args.weights, engine=engine)
+
+
 def _load(args: argparse.Namespace):
     from powersmc.models import load_model
 
-    engine = {"kv_cache_gib": args.kv_cache_gib} if args.kv_cache_gib is not None else None
-    return load_model(args.model, backend=args.backend, gguf_file=args.gguf_file,
-                      device=args.device, dtype=args.dtype, chat=False if args.raw else None,
-                      threads=args.threads, weights=args.weights, engine=engine)
+    return load_model(**_load_kwargs(args))
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -159,6 +180,7 @@ def _check_sampling(args: argparse.Namespace) -> None:
     """Validate cheap arguments before the (slow) model load."""
     from powersmc.methods import common
     from powersmc.methods.registry import check_method
+    from powersmc.methods.smc import ORDERS
     from powersmc.resampling import get_resampler
 
     common.check_alpha(args.alpha)
@@ -170,6 +192,8 @@ def _check_sampling(args: argparse.Namespace) -> None:
         common.check_positive_int("bon_samples", args.bon_samples)
     common.check_positive_int("max_new_tokens", args.max_new_tokens)
     get_resampler(args.resampler)
+    if args.order not in ORDERS:
+        raise InputError("--order", f"one of {', '.join(ORDERS)}", args.order)
     check_method(args.method)
 
 
@@ -205,10 +229,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from powersmc.eval.data import load_problems
     from powersmc.eval.labels import model_label
     from powersmc.eval.prompts import load_template
+    from powersmc.eval.ray_pool import WorkerPool
     from powersmc.eval.report import report
     from powersmc.eval.runner import run_eval
     from powersmc.methods.registry import check_method
-    from powersmc.models import backend_of, describe
+    from powersmc.models import ModelSpec, backend_of, describe
 
     methods = [check_method(m.strip()) for m in args.methods.split(",") if m.strip()]
     seeds = _int_list("--seeds", args.seeds)
@@ -217,22 +242,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     args.method = methods[0]
     if args.batch_prompts < 1:
         raise InputError("--batch-prompts", "an integer >= 1", args.batch_prompts)
+    if args.ray_address is not None and args.workers is None:
+        raise InputError("--ray-address", "used only with --workers", args.ray_address)
     _check_sampling(args)
     problems = load_problems(args.dataset, limit=args.limit, subset=args.subset)
     builtin = args.dataset == "builtin"
     if builtin:  # few-shot completion prompts: raw text, used as they are
         args.raw = True
-    lm = _load(args)
-    template = "{problem}" if builtin and args.template is None else load_template(
-        args.template or ("chat" if lm.chat else "karan-du"))
-    run_eval(lm, problems, methods=methods, seeds=seeds, out_dir=args.out, template=template,
-             alpha=args.alpha, max_new_tokens=args.max_new_tokens, options=method_options(args),
-             config_extra={"dataset": args.dataset,
-                           "model": args.model or model_label(describe(lm)),
-                           "backend": backend_of(lm),
-                           "subset": args.subset, "limit": args.limit},
-             progress=not args.no_progress, batch_prompts=args.batch_prompts)
+    with ExitStack() as stack:
+        if args.workers is None:
+            model = _load(args)
+            info = {"model": describe(model), "backend": backend_of(model), "chat": model.chat}
+        else:  # the workers load the model; the first one says what it is
+            model = stack.enter_context(WorkerPool(ModelSpec(_load_kwargs(args)), args.workers,
+                                                   address=args.ray_address))
+            info = model.info
+        template = "{problem}" if builtin and args.template is None else load_template(
+            args.template or ("chat" if info["chat"] else "karan-du"))
+        run_eval(model, problems, methods=methods, seeds=seeds, out_dir=args.out,
+                 template=template, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
+                 options=method_options(args),
+                 config_extra={"dataset": args.dataset,
+                               "model": args.model or model_label(info["model"]),
+                               "backend": info["backend"],
+                               "subset": args.subset, "limit": args.limit},
+                 progress=not args.no_progress, batch_prompts=args.batch_prompts)
+        throughput = None if args.workers is None else model.summary()
     print(report(args.out))
+    if throughput:
+        print(throughput)
     return 0
 
 
@@ -299,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"powersmc {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerError as exc:
+        print(f"powersmc {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,11 +12,19 @@ class InputError(ValueError):
 
     def __init__(self, argument: str, allowed: str, got: object = None) -> None:
         self.argument = argument
+        self._parts = (argument, allowed, got)
         msg = f"{argument}: {allowed}"
         if got is not None:
             msg += f" (got {got!r})"
         super().__init__(msg)
 
+    def __reduce__(self) -> tuple:  # picklable, so a Ray worker's error reaches the driver
+        return (type(self), self._parts)
+
 
 class DegenerateWeightsError(RuntimeError):
     """Every particle has weight zero (log-weight -inf): there is nothing to resample from."""
+
+
+class WorkerError(RuntimeError):
+    """Ray workers could not do the work: a model that fails to load on them, or none left."""

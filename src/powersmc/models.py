@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +225,23 @@ def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt)
         raise InputError("model", f"could not load {name_or_path!r}: {first}") from exc
     model.to(dev)
     return TransformersLM(model, tokenizer, chat=chat, system_prompt=system_prompt)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A picklable recipe for a model, so other processes (Ray workers) can build their own:
+    `factory(**kwargs, threads=T)`. The default factory is `load_model`; any other must take
+    a `threads` keyword (the CPU threads it may use; None: its own default)."""
+
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    factory: Callable[..., Any] = load_model
+
+    def build(self, threads: int | None = None) -> Any:
+        """The model, with `threads` CPU threads when given (else the spec's own setting)."""
+        kw = dict(self.kwargs)
+        if threads is not None:
+            kw["threads"] = threads
+        return self.factory(**kw)
 
 
 def backend_of(lm: Any) -> str:

@@ -7,7 +7,8 @@ the median of per-(problem, seed) ratios and the ratio of total wall-clock times
 2021) is reported for k = 1..#seeds. Every pair of methods is compared on their common
 (problem, seed) results: exact McNemar test and a paired bootstrap interval of the accuracy
 difference (`eval.paired`). Results that carry a weighted vote (`voted_correct`: Power-SMC,
-best-of-N) also count as their own method 'NAME (vote)', with the same latency.
+best-of-N) also count as their own method 'NAME (vote)', with the same latency. Units that
+failed on Ray workers and have no result yet are listed at the end, with their last error.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from powersmc.errors import InputError
 from powersmc.eval.labels import dataset_label, model_label
 from powersmc.eval.paired import compare, latency_ratios
-from powersmc.eval.runner import CONFIG, RESULTS, read_results
+from powersmc.eval.store import CONFIG, FAILURES, RESULTS, key_of, read_results
 
 Z95 = 1.959963984540054
 
@@ -138,7 +140,28 @@ def _batch_note(results: list[dict]) -> list[str]:
             "single-answer latency.", ""]
 
 
-def markdown(rows: list[dict], results: list[dict], title: str) -> str:
+def _unresolved_failures(out: Path, results: list[dict]) -> list[dict]:
+    """The last failure of each (problem, method, seed) that has no result."""
+    done = {key_of(r) for r in results}
+    last = {key_of(f): f for f in read_results(out / FAILURES)}
+    return [f for k, f in last.items() if k not in done]
+
+
+def _failures_table(failed: Sequence[dict]) -> list[str]:
+    if not failed:
+        return []
+    lines = [f"## Failed units ({len(failed)})", "",
+             "No result: every attempt failed; re-running the command tries them again.", "",
+             "| problem | method | seed | attempts | error |", "|---|---|---|---|---|"]
+    for f in failed:
+        err = str(f["error"]).replace("|", "\\|")
+        lines.append(f"| {f['problem_id']} | {f['method']} | {f['seed']} | {f['attempts']} | "
+                     f"{err} |")
+    return [*lines, ""]
+
+
+def markdown(rows: list[dict], results: list[dict], title: str,
+             failed: Sequence[dict] = ()) -> str:
     lines = [f"# {title}", "",
              f"Latency is relative to `{rows[0]['baseline']}` decoding in the same run "
              "(median of per-problem ratios; ratio of totals), with 95% paired bootstrap "
@@ -177,7 +200,7 @@ def markdown(rows: list[dict], results: list[dict], title: str) -> str:
             lines.append(f"| {r['problem_id']} | {r['method']} | {r['seed']} | {ref} | {ext} | "
                          f"{r['correct']} | {r['correct_math_verify']} |")
     errors = sum(bool(r.get("grading_error")) for r in results)
-    lines += ["", f"Grading exceptions (graded wrong): {errors}", ""]
+    lines += ["", f"Grading exceptions (graded wrong): {errors}", "", *_failures_table(failed)]
     return "\n".join(lines)
 
 
@@ -217,13 +240,14 @@ def report(out_dir: str | Path) -> str:
     results = read_results(out / RESULTS)
     if not results:
         raise InputError("DIR", "a run directory with at least one result", str(out))
+    failed = _unresolved_failures(out, results)
     cfg = json.loads((out / CONFIG).read_text()) if (out / CONFIG).exists() else {}
     methods = cfg.get("methods") or sorted({r["method"] for r in results})
     results, methods = with_votes(results, methods)
     rows = summarize(results, methods)
     dataset, model = dataset_label(cfg.get("dataset", out.name)), model_label(cfg.get("model"))
     title = f"{dataset} — {model}, alpha={cfg.get('alpha')}"
-    text = markdown(rows, results, title)
+    text = markdown(rows, results, title, failed)
     (out / "report.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     plot(rows, out / "accuracy_latency.png", title)

@@ -40,6 +40,10 @@ def _bon(model, prompt, *, alpha, max_new_tokens, seed, particles: int = 16,
                       max_new_tokens=max_new_tokens, seed=seed, select=select, key=key)
 
 
+def _smc_adapted(model, prompt, **kw):
+    return smc_sample(model, prompt, **{**kw, "order": "adapted"})
+
+
 def _mh_faithful(model, prompt, **kw):
     return mh_sample(model, prompt, **{**kw, "mode": "faithful"})
 
@@ -52,12 +56,15 @@ METHODS: dict[str, Callable[..., SampleResult]] = {
     "mh-faithful": _mh_faithful,
     "spower": scalable_power_sample,
     "smc": smc_sample,
+    "smc-adapted": _smc_adapted,
     "bon": _bon,
 }
 # Where each method's keyword arguments are declared, when its entry point only forwards them.
 _TARGETS = {"plain": sample, "lowtemp": sample, "greedy": sample, "mh-faithful": mh_sample,
-            "smc": smc_sample_many}
-_FIXED = ("temperature", "greedy", "mode")  # set by the wrappers themselves
+            "smc": smc_sample_many, "smc-adapted": smc_sample_many}
+_DECODING = ("temperature", "greedy")
+_FIXED = {"plain": _DECODING, "lowtemp": _DECODING, "greedy": _DECODING,  # set by the wrappers
+          "mh-faithful": ("mode",), "smc-adapted": ("order",)}
 
 
 def check_method(name: str) -> str:
@@ -85,4 +92,4 @@ def _accepted(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options method `name` takes (None means: use the method's default)."""
     accepted = inspect.signature(_TARGETS.get(name, METHODS[name])).parameters
     return {k: v for k, v in options.items()
-            if k in accepted and v is not None and not (name in _TARGETS and k in _FIXED)}
+            if k in accepted and v is not None and k not in _FIXED.get(name, ())}

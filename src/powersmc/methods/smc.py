@@ -1,15 +1,25 @@
 """Power-SMC (Algorithm 1): N particles in one batched decode, exact weights, ESS resampling.
 
-Hot-path design (one decode step, all on the backend's device):
+Written once for every engine: the loop keeps the weights, ESS, resampling decisions,
+alpha-bridge, evidence and diagnostics, and drives a `ParticleEngine` (`backends.particles`)
+that draws one token per live particle and applies ancestor indices. Backends that return
+log-probabilities (Transformers, llama.cpp, toy models) are served by `LMParticles`; an engine
+that samples tokens itself (vLLM) implements the interface natively.
+
+Hot-path design (one decode step, all on the engine's device):
   * one batched forward over the live particles; finished particles have left the batch (App. D);
   * sampling, log-weights (eq. 8), ESS (eq. 6) and the would-be ancestors are computed on the
     device; a single host transfer per step brings back (resample flag, ancestors, finished);
-  * the KV cache is reindexed only when resampling fired or a particle finished, and only for
-    rows that change (App. C, `backends.kvcache`);
+  * the engine reindexes its state only when resampling fired or a particle finished, and only
+    for rows that change (App. C, `backends.kvcache`);
   * token ids stay in an [P*N, T] device tensor; text is decoded once, at the end.
 
 Several prompts share one batch (`smc_sample_many`): prompt p owns particles p*N .. p*N+N-1,
 with its own weights, ESS, resampling and evidence; only the forward pass is shared.
+
+`order='adapted'` is the fully adapted order of auxiliary particle filters: under the default
+proposal the incremental weight log Z_t depends on the prefix only, so resampling can come
+before the draw and copies of a particle draw their own next tokens (`_redraw`).
 """
 
 from __future__ import annotations
@@ -42,6 +52,12 @@ from powersmc.schedules import Schedule, make_schedule
 from powersmc.weights import ess, log_mean_weight
 
 ORDERS = ("standard", "adapted")
+
+
+def check_order(order: str) -> str:
+    if order not in ORDERS:
+        raise InputError("order", f"one of {', '.join(ORDERS)}", order)
+    return order
 
 
 def smc_sample(model: LanguageModel, prompt: Prompt, **options) -> SMCResult:
@@ -116,7 +132,9 @@ def smc_sample_many(
             tokens instead of sharing one). Same forward passes; needs tau = proposal = None.
 
     Cost per result: `token_evals` and `prefill_tokens` are that prompt's own; `seconds` and
-    `forward_passes` are the batch's (the answer is ready when the batch is).
+    `forward_passes` are the batch's (the answer is ready when the batch is). A backend with a
+    row limit (`max_rows`, llama.cpp) runs the P * rounds systems in consecutive batches of as
+    many whole systems as fit.
     """
     alpha = check_alpha(alpha)
     n = check_positive_int("particles", particles)
@@ -124,9 +142,7 @@ def smc_sample_many(
     check_nonnegative_int("ramp_tokens", ramp_tokens)
     check_positive_int("rounds", rounds)
     check_select(select)
-    if order not in ORDERS:
-        raise InputError("order", f"one of {', '.join(ORDERS)}", order)
-    adapted = order == "adapted"
+    adapted = check_order(order) == "adapted"
     resample = get_resampler(resampler)
     check_truncation(top_k, top_p)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
@@ -141,7 +157,26 @@ def smc_sample_many(
                          "needs the default proposal, whose weight depends on the prefix only)",
                          order)
 
-    dev, T, P = model.device, max_new_tokens, len(prompt_ids)
+    # as many whole particle systems per batch as the engine holds rows (llama.cpp: 255);
+    # the rest run after them on the same generator, each system still an exact run
+    limit = getattr(model, "max_rows", None) or len(prompt_ids) * n
+    if n > limit:
+        raise InputError("particles", f"at most {limit} on this backend", n)
+    per = limit // n
+    results = []
+    for lo in range(0, len(prompt_ids), per):
+        results += _systems(model, engine, prompt_ids[lo : lo + per], n=n, kappa=kappa,
+                            resample=resample, schedule=schedule, alpha=alpha,
+                            adapted=adapted, gen=gen, seed=seed, T=max_new_tokens,
+                            progress=progress)
+    return finish(results, rounds, select, key, gen)
+
+
+def _systems(model: LanguageModel, engine: ParticleEngine, prompt_ids: list[list[int]], *,
+             n: int, kappa: float, resample, schedule: Schedule, alpha: float, adapted: bool,
+             gen: torch.Generator, seed: int, T: int, progress: bool) -> list[SMCResult]:
+    """Algorithm 1 on P independent particle systems of n particles in one batch."""
+    dev, P = model.device, len(prompt_ids)
     f64 = dict(dtype=torch.float64, device=dev)
     start = time.perf_counter()
     engine.start(prompt_ids, n, budget=P * n * T, redraws=adapted)
@@ -256,7 +291,7 @@ def smc_sample_many(
             stats={"chosen_particle": chosen[g], "num_resamples": len(resample_steps[g]),
                    "batch_prompts": P},
         ))
-    return finish(results, rounds, select, key, gen)
+    return results
 
 
 def _redraw(engine: ParticleEngine, draw: Draw, source: np.ndarray, row_of: np.ndarray,

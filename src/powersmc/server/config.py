@@ -12,6 +12,7 @@ from typing import Any
 from powersmc.errors import InputError
 from powersmc.methods import common
 from powersmc.methods.registry import check_method
+from powersmc.methods.smc import check_order
 from powersmc.resampling import get_resampler
 
 
@@ -21,7 +22,7 @@ class ServerConfig:
 
     defaults: per-request sampling options used when a request leaves them out, in the
         samplers' own names (method, alpha, particles, ess_threshold, resampler, ramp_tokens,
-        num_blocks, mh_moves, candidates, rollouts, horizon) plus max_tokens.
+        order, num_blocks, mh_moves, candidates, rollouts, horizon) plus max_tokens.
     max_particles: cap on `particles` (and on candidates x rollouts for spower): one request
         may not ask for an arbitrarily large batch.
     max_tokens_limit: cap on `max_tokens` on top of the model's context check.
@@ -38,7 +39,7 @@ class ServerConfig:
     model_name: str = "powersmc"
     defaults: dict[str, Any] = field(default_factory=lambda: {
         "method": "smc", "alpha": 4.0, "particles": 16, "ess_threshold": 0.5,
-        "resampler": "systematic", "ramp_tokens": 0, "max_tokens": 256,
+        "resampler": "systematic", "ramp_tokens": 0, "order": "standard", "max_tokens": 256,
         "num_blocks": 16, "mh_moves": 10, "candidates": 8, "rollouts": 8, "horizon": 192,
     })
     max_particles: int = 64
@@ -58,6 +59,7 @@ class ServerConfig:
         common.check_ess_threshold(d["ess_threshold"])
         get_resampler(d["resampler"])
         common.check_nonnegative_int("ramp_tokens", d["ramp_tokens"])
+        check_order(d["order"])
         for name in ("particles", "max_tokens", "num_blocks", "candidates", "rollouts",
                      "horizon"):
             common.check_positive_int(name, d[name])

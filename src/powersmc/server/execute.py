@@ -112,15 +112,10 @@ class Executor:
         flat = [p for job, prompts in zip(jobs, ids, strict=True) for p in prompts
                 for _ in range(job.n)]
         seed = head.seed if len(jobs) == 1 else None
-        # a backend with a row limit (llama.cpp: 255 sequences) gets the systems in chunks;
-        # a seeded job's k-th chunk uses seed + k, so it still reproduces
-        limit = getattr(self.lm, "max_rows", None)
-        per = max(1, limit // head.options["particles"]) if limit else len(flat)
-        results = []
-        for k, lo in enumerate(range(0, len(flat), per)):
-            results += run_smc_many(self.lm, flat[lo: lo + per], alpha=head.alpha,
-                                    max_new_tokens=head.max_tokens,
-                                    seed=None if seed is None else seed + k, **head.options)
+        # a backend with a row limit (llama.cpp: 255 sequences) runs the systems in chunks
+        # inside smc_sample_many, on the one seeded generator
+        results = run_smc_many(self.lm, flat, alpha=head.alpha, max_new_tokens=head.max_tokens,
+                               seed=seed, **head.options)
         out, k = [], 0
         for job, prompts in zip(jobs, ids, strict=True):
             mine: list[SMCResult] = results[k: k + job.systems]  # type: ignore[assignment]

@@ -13,6 +13,7 @@ from typing import Any
 from powersmc.errors import InputError
 from powersmc.methods import common
 from powersmc.methods.registry import check_method
+from powersmc.methods.smc import check_order
 from powersmc.resampling import get_resampler
 from powersmc.server.config import ServerConfig
 from powersmc.server.errors import APIError, from_input_error
@@ -22,7 +23,7 @@ MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_MH_MOVES = 100  # MH moves per block: each regenerates a suffix
 # Method-specific options: where they apply.
 _OPTIONS = {
-    "smc": ("particles", "ess_threshold", "resampler", "ramp_tokens"),
+    "smc": ("particles", "ess_threshold", "resampler", "ramp_tokens", "order"),
     "mh": ("num_blocks", "mh_moves"), "mh-faithful": ("num_blocks", "mh_moves"),
     "spower": ("candidates", "rollouts", "horizon"),
     "plain": (), "lowtemp": (), "greedy": (),
@@ -129,6 +130,7 @@ def _method_options(req, cfg: ServerConfig, method: str) -> dict[str, Any]:
     _check(common.check_ess_threshold, val["ess_threshold"])
     _check(get_resampler, val["resampler"])
     _check(common.check_nonnegative_int, "ramp_tokens", val["ramp_tokens"])
+    _check(check_order, val["order"])
     for name in ("num_blocks", "candidates", "rollouts", "horizon"):
         _check(common.check_positive_int, name, val[name])
     _check(common.check_nonnegative_int, "mh_moves", val["mh_moves"])

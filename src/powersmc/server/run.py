@@ -44,7 +44,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     defaults = {
         "method": args.method, "alpha": args.alpha, "particles": args.particles,
         "ess_threshold": args.ess_threshold, "resampler": args.resampler,
-        "ramp_tokens": args.ramp_tokens, "max_tokens": args.max_new_tokens,
+        "ramp_tokens": args.ramp_tokens, "order": args.order, "max_tokens": args.max_new_tokens,
         "num_blocks": args.mh_blocks, "mh_moves": args.mh_moves,
         "candidates": args.candidates, "rollouts": args.rollouts, "horizon": args.horizon,
     }

@@ -30,6 +30,7 @@ class PowerOptions(BaseModel):
     ess_threshold: float | None = None
     resampler: str | None = None
     ramp_tokens: int | None = None
+    order: str | None = None
     num_blocks: int | None = None
     mh_moves: int | None = None
     candidates: int | None = None

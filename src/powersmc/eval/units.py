@@ -1,0 +1,154 @@
+"""Work units of an evaluation: what runs, with which seed, and the graded rows each yields.
+
+A unit is one (problem, method, seed), or with `batch_prompts` = P > 1 one Power-SMC batch of
+up to P problems for a seed. The unit list is the same whoever runs it (in process or on Ray
+workers) and every unit derives its own seed, so its rows do not depend on which worker ran
+it or when (up to the timing fields `seconds`, `batch_seconds` and `peak_memory_mb`).
+
+The methods run side by side on each problem with the same derived seed, so per-problem
+latency ratios compare the same work on the same machine state. A batch records its
+wall-clock and, as `seconds`, that time divided by its problems (throughput, not
+single-answer latency); its seed is derived from its first problem, so a resumed run may
+batch, and hence sample, differently from an uninterrupted one; every result is still an
+exact Power-SMC draw.
+
+Results with weighted particles (Power-SMC, best-of-N) are graded twice: the drawn answer (the
+paper's output: `answer`, `correct`) and the weighted vote over all particles, answers pooled
+by the grader's extraction and normalisation (`voted_answer`, `voted_correct`, ...;
+`methods.selection.weighted_vote`), so one run grades both.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+import zlib
+from collections.abc import Container
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from powersmc.backends.protocol import LanguageModel
+from powersmc.eval.grading import answer_key, grade
+from powersmc.eval.problem import Problem
+from powersmc.eval.prompts import render
+from powersmc.methods.registry import run_method, run_smc_many
+from powersmc.methods.selection import normalized, weighted_vote
+
+Key = tuple[str, str, int]  # (problem id, method, seed): one result row
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every unit of a run shares: the power exponent, the answer length and the
+    methods' options (`methods.registry.run_method`)."""
+
+    alpha: float
+    max_new_tokens: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One method on one problem for one seed, or (`batched`) Power-SMC on several problems in
+    one batch; `prompts` are the problems' rendered prompts."""
+
+    method: str
+    seed: int
+    problems: tuple[Problem, ...]
+    prompts: tuple[str, ...]
+    batched: bool = False
+
+    @property
+    def keys(self) -> list[Key]:
+        return [(p.id, self.method, self.seed) for p in self.problems]
+
+
+def derived_seed(seed: int, problem_id: str) -> int:
+    """The seed of one (problem, seed) cell, shared by all methods (common random numbers)."""
+    return zlib.crc32(f"{seed}:{problem_id}".encode()) & 0x7FFFFFFF
+
+
+def plan(problems: list[Problem], methods: list[str], seeds: list[int], template: str,
+         batch_prompts: int, done: Container[Key]) -> list[Unit]:
+    """The units still to run, in the order a single process runs them: problems in chunks of
+    `batch_prompts`, each chunk's seeds in turn, the batched Power-SMC first."""
+    batched = "smc" if batch_prompts > 1 else None
+    units: list[Unit] = []
+    for first in range(0, len(problems), batch_prompts):
+        chunk = problems[first : first + batch_prompts]
+        prompts = {p.id: render(template, p.question) for p in chunk}
+        for seed in seeds:
+            if batched in methods:
+                todo = tuple(p for p in chunk if (p.id, batched, seed) not in done)
+                if todo:
+                    units.append(Unit(batched, seed, todo, tuple(prompts[p.id] for p in todo),
+                                      batched=True))
+            for problem in chunk:
+                for method in methods:
+                    if method != batched and (problem.id, method, seed) not in done:
+                        units.append(Unit(method, seed, (problem,), (prompts[problem.id],)))
+    return units
+
+
+def run_unit(model: LanguageModel, unit: Unit, settings: Settings) -> list[dict]:
+    """Run one unit on `model`; its result rows, graded."""
+    _reset_peak_memory(model.device)
+    run_seed = derived_seed(unit.seed, unit.problems[0].id)
+    kw = dict(alpha=settings.alpha, max_new_tokens=settings.max_new_tokens, seed=run_seed,
+              **settings.options)
+    start = time.perf_counter()
+    if not unit.batched:
+        res = run_method(unit.method, model, unit.prompts[0], **kw)
+        wall = time.perf_counter() - start
+        return [_record(model, unit.problems[0], unit.method, unit.seed, run_seed, res, wall)]
+    out = run_smc_many(model, list(unit.prompts), **kw)
+    wall = time.perf_counter() - start
+    ids = [p.id for p in unit.problems]
+    return [
+        {**_record(model, p, unit.method, unit.seed, run_seed, res, wall / len(ids)),
+         "batch_seconds": wall, "batch_problems": ids}
+        for p, res in zip(unit.problems, out, strict=True)
+    ]
+
+
+def _record(model, problem, method, seed, run_seed, res, seconds) -> dict:
+    g = grade(res.text, problem.answer, problem.kind)
+    return {
+        "problem_id": problem.id, "method": method, "seed": seed, "run_seed": run_seed,
+        "reference": problem.answer, "answer": res.text, "extracted": g.extracted,
+        "correct": g.correct, "correct_math_verify": g.correct_math_verify,
+        "grading_error": g.error, "seconds": seconds, "generated_tokens": len(res.token_ids),
+        "finished": res.finished, "token_evals": res.cost.token_evals,
+        "forward_passes": res.cost.forward_passes, "prefill_tokens": res.cost.prefill_tokens,
+        "peak_memory_mb": _peak_memory_mb(model.device), "meta": problem.meta,
+        **(vote(res, problem) if getattr(res, "particles", None) else {}),
+    }
+
+
+def vote(res, problem: Problem) -> dict:
+    """The weighted vote over a result's particles, graded: answers pooled by `answer_key`;
+    `voted_weight` is the winning answer's share of the normalised weight (0: no particle
+    has an answer, and the drawn answer stands)."""
+    keys = [answer_key(p.text, problem.kind) for p in res.particles]
+    v = weighted_vote(res.particles, key=lambda text: answer_key(text, problem.kind))
+    text = res.text if v is None else res.particles[v].text
+    share = 0.0 if v is None else sum(
+        w for k, w in zip(keys, normalized(res.particles), strict=True) if k == keys[v])
+    g = grade(text, problem.answer, problem.kind)
+    return {"voted_answer": text, "voted_extracted": g.extracted, "voted_correct": g.correct,
+            "voted_correct_math_verify": g.correct_math_verify, "voted_weight": share}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
