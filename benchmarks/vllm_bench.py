@@ -1,8 +1,10 @@
 """Power-SMC on vLLM against vLLM's own sampling, and per-answer time against other backends.
 
 CPU (default model, converted once; the figures of docs/backends.md):
-    OMP_NUM_THREADS=2 python benchmarks/vllm_bench.py --particles 16 --tokens 256 \
-        --repeats 5 --others transformers,llama.cpp --out bench-vllm
+    python benchmarks/vllm_bench.py --particles 16 --tokens 256 --repeats 5 --out bench-vllm
+  and, in a process of their own (vLLM sets a process's torch threads to 1, which would slow
+  Transformers beside it), the other backends' seconds per answer on the same prompt:
+    powersmc bench --backend llama.cpp,transformers --particles 16 --tokens 256 --out bench-out
 GPU (Qwen2.5-7B's architecture with random weights, bf16; nothing downloaded):
     python benchmarks/vllm_bench.py --gpu --particles 64 --alpha 4 --tokens 1024,2048 \
         --repeats 3 --others transformers --out bench-vllm-gpu
@@ -50,19 +52,21 @@ def main() -> None:
     ap.add_argument("--tokens", default="256", help="comma-separated lengths T")
     ap.add_argument("--alpha", type=float, default=4.0)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--others", default="", help="backends timed beside vLLM per answer: "
-                    "transformers, llama.cpp")
+    ap.add_argument("--others", default="", help="with --gpu: 'transformers', timed beside "
+                    "vLLM per answer")
     ap.add_argument("--kv-cache-gib", type=float, default=None)
     ap.add_argument("--out", default="bench-vllm")
     args = ap.parse_args()
     others = [o.strip() for o in args.others.split(",") if o.strip()]
+    if others and (not args.gpu or others != ["transformers"]):
+        ap.error("--others: only 'transformers', with --gpu (on CPU, time the other backends "
+                 "in their own process: powersmc bench --backend llama.cpp,transformers)")
     if args.gpu:
         lms, prompt = _gpu_models(others, args.kv_cache_gib or 24.0)
     else:
         engine = {"kv_cache_gib": args.kv_cache_gib} if args.kv_cache_gib else None
         lms = {"vllm": load_model(backend="vllm", engine=engine)}
-        lms.update({o: load_model(backend=o, device="cpu") for o in others})
-        prompt = "Explain why the sky is blue."
+        prompt = "Explain why the sky is blue."  # powersmc bench's default prompt
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, text = [], []

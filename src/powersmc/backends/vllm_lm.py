@@ -82,7 +82,8 @@ class VllmLM:
             a block per re-submitted row), or rows are re-submitted once more.
         max_model_len: context length (default: the model's).
         load_format: 'auto', or 'dummy' (random weights: timing runs from a config.json).
-        threads: CPU threads (OMP_NUM_THREADS; default: all cores).
+        threads: CPU cores for vLLM's kernels (cores 0 .. threads - 1; default: vLLM's
+            choice, the cores of the NUMA node).
         name: the model's name in reports.
     """
 
@@ -97,13 +98,14 @@ class VllmLM:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the processor's side channel
-        # In process, vLLM would otherwise cut this process's torch threads to 1 (meant for a
-        # separate engine process), slowing the processor and any other backend loaded here.
-        if threads is not None:
-            os.environ["OMP_NUM_THREADS"] = str(threads)
-        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         cpu = device == "cpu"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the processor's side channel
+        # vLLM's CPU kernels run their own OpenMP threads, bound to cores; it then sets this
+        # process's torch threads to 1 (unless OMP_NUM_THREADS is set), since spinning torch
+        # threads slow its steps (on 2 cores, OMP_NUM_THREADS=2 made steps several times
+        # slower). Other torch backends loaded in the same process get 1 thread too.
+        if threads is not None and cpu:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
         if block_size is None and cpu:
             block_size = CPU_BLOCK
         if kv_cache_gib is None and cpu:
