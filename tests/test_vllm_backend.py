@@ -247,7 +247,8 @@ def test_cli_sample_and_eval_resume_after_kill(vllm_lm, hf_lm, tmp_path):
     after its first rows and re-run: every row once, with the fields the Transformers
     backend writes."""
     from powersmc.eval.data import load_problems
-    from powersmc.eval.runner import read_results, run_eval
+    from powersmc.eval.runner import run_eval
+    from powersmc.eval.store import read_results
 
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     out = subprocess.run(_cli("sample", "--backend", "vllm", "--prompt", PROMPT,
