@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch.profiler import record_function
 
 from powersmc.backends.protocol import LanguageModel
 from powersmc.proposals import Proposal, sample_tempered, truncate_logprobs
@@ -115,9 +116,11 @@ class LMParticles:
 
     def advance(self, alpha_t: float) -> Draw:
         if self.pending is not None:
-            self.logp = self._target(self.model.step(self.state, self.pending))
+            with record_function("powersmc.forward"):
+                self.logp = self._target(self.model.step(self.state, self.pending))
         self.alpha_t = alpha_t
-        draw = self._draw(self.logp)
+        with record_function("powersmc.sample"):
+            draw = self._draw(self.logp)
         self.pending = draw.tokens
         return draw
 

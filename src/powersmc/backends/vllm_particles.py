@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch.profiler import record_function
 
 from powersmc.backends import vllm_processor as vp
 from powersmc.backends.particles import Draw
@@ -77,7 +78,8 @@ class VllmParticles:
         got: list[Token | None] = [None] * len(self.seqs)
         waiting = len(self.seqs)
         while waiting:
-            produced = self.lm.step()
+            with record_function("powersmc.forward"):  # vLLM's step: forward and sampling
+                produced = self.lm.step()
             if not produced and not self.lm.engine.has_unfinished_requests():
                 raise RuntimeError("vLLM has no request left for rows still waiting")
             for tok in produced:
