@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     _sampling_args(s)
     s.add_argument("--method", default="smc",
-                   help="smc, mh, mh-faithful, spower, lowtemp, plain, greedy or bon")
+                   help="smc, smc-adapted, mh, mh-faithful, spower, lowtemp, plain, greedy or bon")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--select", default="sample",
                    help="sample (draw one particle) or vote (answer with the most weight)")
@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", required=True,
                    help="builtin, math500, gsm8k, a JSONL path or a hub id")
     e.add_argument("--methods", default="plain,lowtemp,mh,spower,smc",
-                   help="comma-separated: smc, mh, mh-faithful, spower, lowtemp, plain, greedy, "
-                   "bon")
+                   help="comma-separated: smc, smc-adapted, mh, mh-faithful, spower, lowtemp, "
+                   "plain, greedy, bon")
     e.add_argument("--seeds", default="0", help="comma-separated seeds")
     e.add_argument("--limit", type=int, default=None, help="first N problems (after --subset)")
     e.add_argument("--subset", default=None, help="'i:j', 'level=5', 'subject=Algebra'")

@@ -10,8 +10,11 @@ SmolLM2-135M-Instruct lands between 15% and 70% (see docs/results/).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from powersmc.eval.problem import Problem
+
+Family = Callable[[random.Random], tuple[str, int]]
 
 SIZE = 120
 SEED = 20260
@@ -37,10 +40,12 @@ def _max(rng: random.Random) -> tuple[str, int]:
     return f"Which is larger, {a} or {b}?", max(a, b)
 
 
-FAMILIES = {"add": _add, "sub": _sub, "next": _next, "max": _max}
+FAMILIES: dict[str, Family] = {"add": _add, "sub": _sub, "next": _next, "max": _max}
 
 
-def _prompt(rng: random.Random, family) -> tuple[str, int]:
+def few_shot(rng: random.Random, family: Family) -> tuple[str, int]:
+    """A prompt of four solved examples of `family` and one question ending in 'A:', and the
+    question's answer."""
     shots = [family(rng) for _ in range(4)]
     q, a = family(rng)
     lines = [f"Q: {sq}\nA: {sa}" for sq, sa in shots]
@@ -54,7 +59,7 @@ def builtin_problems(size: int = SIZE, seed: int = SEED) -> list[Problem]:
     out = []
     for i in range(size):
         name = names[i % len(names)]
-        text, answer = _prompt(rng, FAMILIES[name])
+        text, answer = few_shot(rng, FAMILIES[name])
         out.append(Problem(f"builtin-{i:03d}-{name}", text, str(answer), "first-number",
                            {"subject": name}))
     return out

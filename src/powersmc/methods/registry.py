@@ -40,6 +40,12 @@ def _bon(model, prompt, *, alpha, max_new_tokens, seed, particles: int = 16,
                       max_new_tokens=max_new_tokens, seed=seed, select=select, key=key)
 
 
+def _smc_adapted(model, prompt, **kw):
+    """Power-SMC in the fully adapted order (`order='adapted'`), so one evaluation can run
+    both orders side by side on the same problems and seeds."""
+    return smc_sample(model, prompt, **{**kw, "order": "adapted"})
+
+
 def _mh_faithful(model, prompt, **kw):
     return mh_sample(model, prompt, **{**kw, "mode": "faithful"})
 
@@ -52,11 +58,12 @@ METHODS: dict[str, Callable[..., SampleResult]] = {
     "mh-faithful": _mh_faithful,
     "spower": scalable_power_sample,
     "smc": smc_sample,
+    "smc-adapted": _smc_adapted,
     "bon": _bon,
 }
 # Where each method's keyword arguments are declared, when its entry point only forwards them.
 _TARGETS = {"plain": sample, "lowtemp": sample, "greedy": sample, "mh-faithful": mh_sample,
-            "smc": smc_sample_many}
+            "smc": smc_sample_many, "smc-adapted": smc_sample_many}
 _FIXED = ("temperature", "greedy", "mode")  # set by the wrappers themselves
 
 
