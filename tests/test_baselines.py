@@ -8,7 +8,7 @@ import torch
 from stats import mean_z, num_cells, weighted_frequency_z, z_threshold
 from toy_models import HORIZON, PROMPT, random_lm, trap_lm
 
-from powersmc import InputError, bon_sample, mh_sample, sample, scalable_power_sample
+from powersmc import InputError, bon_sample, mh_sample, sample, scalable_power_sample, smc_sample
 from powersmc.exact import power_distribution, tempered_distribution, total_variation
 from powersmc.methods.spower import power_next_token
 from powersmc.results import Cost
@@ -191,6 +191,24 @@ def test_shared_options_reach_each_method():
             for m, o in (("smc-adapted", {**opts, "order": "standard"}),
                          ("smc", {**opts, "order": "adapted"}))]
     assert same[0].token_ids == same[1].token_ids and same[0].log_z == same[1].log_z
+
+
+def test_smc_adapted_method_is_smc_in_the_adapted_order():
+    """'smc-adapted' is Power-SMC with order='adapted' and the shared options (an evaluation
+    runs both orders side by side): same seed, same particles; an `order` option cannot
+    turn it back to the standard order (seed 0 resamples, and there the orders differ)."""
+    from powersmc.methods.registry import run_method
+
+    opts = {"particles": 6, "num_blocks": 2, "order": "standard"}
+    r = run_method("smc-adapted", trap_lm(), PROMPT, alpha=ALPHA, max_new_tokens=HORIZON,
+                   seed=0, **opts)
+    ref = smc_sample(trap_lm(), PROMPT, alpha=ALPHA, particles=6, max_new_tokens=HORIZON,
+                     seed=0, order="adapted")
+    std = smc_sample(trap_lm(), PROMPT, alpha=ALPHA, particles=6, max_new_tokens=HORIZON,
+                     seed=0)
+    assert [p.token_ids for p in r.particles] == [p.token_ids for p in ref.particles]
+    assert r.log_z == ref.log_z and r.text == ref.text
+    assert [p.token_ids for p in r.particles] != [p.token_ids for p in std.particles]
 
 
 # ---- importance-resampled best-of-N -----------------------------------------------------------

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     e = sub.add_parser("eval", help="evaluate methods on a data set (resumable)")
     e.add_argument("--dataset", required=True,
-                   help="builtin, math500, gsm8k, a JSONL path or a hub id")
+                   help="builtin, builtin-multi, math500, gsm8k, a JSONL path or a hub id")
     e.add_argument("--methods", default="plain,lowtemp,mh,spower,smc",
                    help="comma-separated: smc, smc-adapted, mh, mh-faithful, spower, lowtemp, "
                    "plain, greedy, bon")
@@ -226,6 +226,7 @@ def _int_list(name: str, text: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from powersmc.eval.builtin import BUILTIN_SETS
     from powersmc.eval.data import load_problems
     from powersmc.eval.labels import model_label
     from powersmc.eval.prompts import load_template
@@ -246,7 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError("--ray-address", "used only with --workers", args.ray_address)
     _check_sampling(args)
     problems = load_problems(args.dataset, limit=args.limit, subset=args.subset)
-    builtin = args.dataset == "builtin"
+    builtin = args.dataset in BUILTIN_SETS
     if builtin:  # few-shot completion prompts: raw text, used as they are
         args.raw = True
     with ExitStack() as stack:

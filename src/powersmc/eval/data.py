@@ -1,4 +1,4 @@
-"""Evaluation problems: MATH500, GSM8K (local JSONL or Hugging Face id) and the built-in set."""
+"""Evaluation problems: MATH500, GSM8K (local JSONL or Hugging Face id) and the built-in sets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from powersmc.errors import InputError
-from powersmc.eval.builtin import builtin_problems
+from powersmc.eval.builtin import BUILTIN_SETS
 from powersmc.eval.grading import gsm8k_reference
 from powersmc.eval.problem import Problem
 
@@ -50,14 +50,15 @@ def _load_hub(dataset_id: str, split: str) -> list[dict]:
 
 def load_problems(dataset: str, *, limit: int | None = None,
                   subset: str | None = None) -> list[Problem]:
-    """Problems from 'builtin', 'math500', 'gsm8k', a local JSONL path or a hub dataset id.
+    """Problems from 'builtin', 'builtin-multi', 'math500', 'gsm8k', a local JSONL path or a
+    hub dataset id.
 
     'math500' / 'gsm8k' read `$POWERSMC_DATA_DIR/<name>.jsonl` when that file exists, else the
     hub. subset: 'i:j' index range, 'level=5', 'subject=Algebra' (comma-separated, AND-ed).
     limit: keep the first N after filtering.
     """
-    if dataset == "builtin":
-        problems = builtin_problems()
+    if dataset in BUILTIN_SETS:
+        problems = BUILTIN_SETS[dataset]()
     else:
         path = Path(os.path.expanduser(dataset))
         local = Path(os.environ.get("POWERSMC_DATA_DIR", "")) / f"{dataset}.jsonl"
@@ -70,8 +71,8 @@ def load_problems(dataset: str, *, limit: int | None = None,
         elif dataset.count("/") == 1 and not dataset.startswith((".", "/", "~")):
             records = _load_hub(dataset, "test")
         else:
-            raise InputError("dataset", "builtin, math500, gsm8k, a JSONL path or a hub id",
-                             dataset)
+            raise InputError("dataset", "builtin, builtin-multi, math500, gsm8k, a JSONL path "
+                             "or a hub id", dataset)
         problems = [_from_record(r, i) for i, r in enumerate(records)]
     problems = apply_subset(problems, subset)
     if limit is not None:

@@ -41,6 +41,8 @@ def _bon(model, prompt, *, alpha, max_new_tokens, seed, particles: int = 16,
 
 
 def _smc_adapted(model, prompt, **kw):
+    """Power-SMC in the fully adapted order (`order='adapted'`), so one evaluation can run
+    both orders side by side on the same problems and seeds."""
     return smc_sample(model, prompt, **{**kw, "order": "adapted"})
 
 

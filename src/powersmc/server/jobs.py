@@ -24,6 +24,7 @@ MAX_MH_MOVES = 100  # MH moves per block: each regenerates a suffix
 # Method-specific options: where they apply.
 _OPTIONS = {
     "smc": ("particles", "ess_threshold", "resampler", "ramp_tokens", "order"),
+    "smc-adapted": ("particles", "ess_threshold", "resampler", "ramp_tokens"),
     "mh": ("num_blocks", "mh_moves"), "mh-faithful": ("num_blocks", "mh_moves"),
     "spower": ("candidates", "rollouts", "horizon"),
     "plain": (), "lowtemp": (), "greedy": (),
