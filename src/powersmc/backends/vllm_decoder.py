@@ -12,7 +12,7 @@ live row per step, the first step of a kept prefix included.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -20,14 +20,11 @@ from powersmc.backends import vllm_processor as vp
 from powersmc.methods.rollout import Rollout, TemperatureRule
 from powersmc.results import Cost
 
-if TYPE_CHECKING:
-    from powersmc.backends.vllm_lm import VllmLM
-
 
 class VllmDecoder:
     """`methods.rollout.Decoder` over a `VllmLM` (see the module docstring)."""
 
-    def __init__(self, lm: VllmLM) -> None:
+    def __init__(self, lm: Any) -> None:  # a VllmLM (not imported: it builds this class)
         self.lm, self.device = lm, torch.device("cpu")
         self.prompt: list[int] = []
 
