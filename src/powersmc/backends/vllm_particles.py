@@ -22,7 +22,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch.profiler import record_function
@@ -30,9 +30,6 @@ from torch.profiler import record_function
 from powersmc.backends import vllm_processor as vp
 from powersmc.backends.particles import Draw
 from powersmc.errors import InputError
-
-if TYPE_CHECKING:
-    from powersmc.backends.vllm_lm import Token, VllmLM
 
 
 def _seed(gen: torch.Generator) -> int:
@@ -42,7 +39,7 @@ def _seed(gen: torch.Generator) -> int:
 class VllmParticles:
     """Live particles of P prompts x N rows as vLLM requests (see the module docstring)."""
 
-    def __init__(self, lm: VllmLM, generator: torch.Generator, *, tau: float | None = None,
+    def __init__(self, lm: Any, generator: torch.Generator, *, tau: float | None = None,
                  proposal=None, top_k: int | None = None, top_p: float | None = None) -> None:
         if proposal is not None:
             raise InputError("proposal", "None on the vLLM backend (vLLM draws the tokens, from "
@@ -53,7 +50,7 @@ class VllmParticles:
         self.gid: str | None = None
         self.seqs: list[list[int]] = []  # per row: prompt + generated tokens
         self.reqs: list[str | None] = []  # per row: its running request, or None
-        self.last: list[Token] = []  # per row: what its newest token came with
+        self.last: list[Any] = []  # per row: what its newest token came with
         self.used: list[int] = []  # per row: extra draws handed out since the last advance
 
     @property
@@ -75,7 +72,7 @@ class VllmParticles:
             if self.reqs[i] is None:
                 self.reqs[i] = self.lm.submit(self.gid, seq, seed=_seed(self.gen))
         row_of = {r: i for i, r in enumerate(self.reqs)}
-        got: list[Token | None] = [None] * len(self.seqs)
+        got: list[Any] = [None] * len(self.seqs)
         waiting = len(self.seqs)
         while waiting:
             with record_function("powersmc.forward"):  # vLLM's step: forward and sampling
