@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
+from powersmc.backends.hf_text import encode_prompt, eos_ids
 from powersmc.backends.kvcache import reorder_cache
-from powersmc.backends.protocol import END_TOKENS
 from powersmc.errors import InputError
 
 
@@ -67,27 +67,12 @@ class TransformersLM:
         self.max_context = int(ctx) if ctx else None
 
     def _default_eos(self) -> tuple[int, ...]:
-        ids: set[int] = set()
         gen = getattr(self.model, "generation_config", None)
-        for src in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif src:
-                ids.update(int(i) for i in src)
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in END_TOKENS if t in vocab)
-        return tuple(sorted(i for i in ids if i < self.vocab_size))
+        return eos_ids((getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id),
+                       self.tokenizer, self.vocab_size)
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
-        if not isinstance(prompt, str):
-            return [int(i) for i in prompt]
-        if not self.chat:
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        messages = [{"role": "user", "content": prompt}]
-        if self.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+        return encode_prompt(self.tokenizer, prompt, self.chat, self.system_prompt)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         ids = [int(i) for i in token_ids if int(i) not in self.eos_token_ids]

