@@ -17,6 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from server_toys import EchoLM, health, live_server, wait_for  # noqa: E402
+from toy_models import row_limited  # noqa: E402
 
 import powersmc  # noqa: E402
 
@@ -358,15 +359,7 @@ def test_row_limited_backend_runs_large_batches_in_chunks():
     """A backend that holds at most `max_rows` rows (llama.cpp: 255 sequences) gets an SMC
     batch in chunks of whole particle systems; every answer is still its own prompt's."""
     lm = EchoLM()
-    lm.max_rows = 8  # two systems of 4 particles per chunk
-    prefills = []
-    inner = lm.prefill_many
-
-    def counting(prompts, rows, **kw):
-        prefills.append(len(prompts) * rows)
-        return inner(prompts, rows, **kw)
-
-    lm.prefill_many = counting
+    prefills = row_limited(lm, 8)  # two systems of 4 particles per chunk
     with live_server(lm, **CONFIG) as url:
         r = post(url, "completions", {"model": "toy", "prompt": ["ab", "cd", "ef"], "n": 1,
                                       "max_tokens": 8, "particles": 4, "seed": 3})

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from toy_models import HORIZON, PROMPT, random_lm, trap_lm
+from toy_models import HORIZON, PROMPT, random_lm, row_limited, trap_lm
 
 from powersmc import FunctionLM, InputError, smc_sample
 
@@ -133,15 +133,7 @@ def test_row_limited_backend_runs_systems_in_consecutive_batches():
     """A backend holding at most `max_rows` rows (llama.cpp: 255) gets the P * rounds particle
     systems in batches of whole systems; more particles than rows is a clear error."""
     lm = random_lm()
-    lm.max_rows = 8
-    sizes = []
-    inner = lm.prefill_many
-
-    def counting(prompts, rows, **kw):
-        sizes.append(len(prompts) * rows)
-        return inner(prompts, rows, **kw)
-
-    lm.prefill_many = counting
+    sizes = row_limited(lm, 8)
     r = smc_sample(lm, PROMPT, particles=4, rounds=5, max_new_tokens=4, seed=0)
     assert sizes == [8, 8, 4] and len(r.particles) == 20 and r.stats["rounds"] == 5
     with pytest.raises(InputError, match="^particles: at most 8"):

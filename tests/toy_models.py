@@ -42,3 +42,18 @@ def random_lm() -> FunctionLM:
 
 
 PROMPT = [3]
+
+
+def row_limited(lm, max_rows: int) -> list[int]:
+    """Give `lm` a row limit (as llama.cpp's 255 sequences) and record the rows of every
+    `prefill_many` call it then serves; returns that (growing) list."""
+    lm.max_rows = max_rows
+    sizes: list[int] = []
+    inner = lm.prefill_many
+
+    def counting(prompts, rows, **kw):
+        sizes.append(len(prompts) * rows)
+        return inner(prompts, rows, **kw)
+
+    lm.prefill_many = counting
+    return sizes
