@@ -22,6 +22,7 @@ def _cli(*args, env=None):
     (["sample", "--prompt", "hi", "--resampler", "x"], "resampler"),
     (["sample", "--prompt", "hi", "--rounds", "0"], "rounds"),
     (["sample", "--prompt", "hi", "--order", "reverse"], "--order"),
+    (["sample", "--prompt", "hi", "--resample-align", "0"], "--resample-align"),
     (["sample", "--prompt", "hi", "--method", "bon", "--bon-samples", "0"], "bon_samples"),
     (["sample", "--prompt", "hi", "--select", "best"], "select"),
     (["sample", "--prompt-file", "/no/such/file"], "--prompt-file"),

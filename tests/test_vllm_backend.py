@@ -165,6 +165,35 @@ def test_resampled_particles_weights_equal_a_from_scratch_computation(vllm_lm, h
             assert abs(log_z - float(torch.logsumexp(ALPHA * ref[t], 0))) < TOL
 
 
+def test_block_aligned_resampling_recomputes_one_token(vllm_lm):
+    """resample_align='block' resamples only where prompt + generated length is 1 mod the KV
+    block, so every re-submitted particle finds all but its newest token in the prefix
+    cache (vLLM reports num_cached_tokens per request). EOS is off, so no particle finishes
+    before the aligned step."""
+    from powersmc.bench import NoEOS
+
+    ids = vllm_lm.encode_prompt(PROMPT)
+    block = vllm_lm.block_size
+    first: dict[str, tuple[int, int]] = {}  # request -> (its prompt length, cached tokens)
+    step = vllm_lm.engine.step
+
+    def recording_step():
+        outs = step()
+        for o in outs:
+            first.setdefault(o.request_id, (len(o.prompt_token_ids), o.num_cached_tokens))
+        return outs
+
+    vllm_lm.engine.step = recording_step
+    try:
+        r = smc_sample(NoEOS(vllm_lm), PROMPT, alpha=ALPHA, particles=4, ess_threshold=1.0,
+                       max_new_tokens=block + 8, resample_align="block", seed=3)
+    finally:
+        del vllm_lm.engine.step
+    assert r.resample_steps and all((len(ids) + t - 1) % block == 0 for t in r.resample_steps)
+    later = [v for v in first.values() if v[0] > len(ids)]  # re-submissions, not the start
+    assert later and all(length - cached == 1 for length, cached in later)
+
+
 def test_seeded_runs_reproduce_and_seeds_matter(vllm_lm):
     kw = dict(alpha=ALPHA, particles=4, max_new_tokens=10, ramp_tokens=4)
     a = smc_sample(vllm_lm, PROMPT, seed=5, **kw)

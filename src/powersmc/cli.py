@@ -50,6 +50,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ramp-tokens", type=int, default=0, help="linear alpha-ramp length (0: off)")
     g.add_argument("--order", default="standard",
                    help="SMC: standard (Algorithm 1) or adapted (resample before the draw)")
+    g.add_argument("--resample-align", default="1",
+                   help="SMC: resample only where the length is 1 mod B; 'block': the engine's "
+                   "KV block (vLLM: copies without recomputation); 1: at once (Algorithm 1)")
     g.add_argument("--rounds", type=int, default=1,
                    help="SMC: independent particle systems, combined by their evidence")
     g.add_argument("--max-new-tokens", type=int, default=256)
@@ -60,6 +63,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--horizon", type=int, default=192, help="Ji et al.: rollout length")
     g.add_argument("--bon-samples", type=int, default=None,
                    help="best-of-N: samples N (default: --particles)")
+
+
+def _align(value: str) -> int | str:
+    """--resample-align: a positive integer or 'block'."""
+    if value == "block" or (value.isdigit() and int(value) >= 1):
+        return value if value == "block" else int(value)
+    raise InputError("--resample-align", "a positive integer or 'block'", value)
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -75,6 +85,8 @@ def method_options(args: argparse.Namespace) -> dict:
         opts["rounds"] = args.rounds
     if args.order != "standard":
         opts["order"] = args.order
+    if args.resample_align != "1":
+        opts["resample_align"] = _align(args.resample_align)
     if args.bon_samples is not None:
         opts["bon_samples"] = args.bon_samples
     return opts
@@ -194,6 +206,7 @@ def _check_sampling(args: argparse.Namespace) -> None:
     get_resampler(args.resampler)
     if args.order not in ORDERS:
         raise InputError("--order", f"one of {', '.join(ORDERS)}", args.order)
+    _align(args.resample_align)
     check_method(args.method)
 
 

@@ -43,6 +43,7 @@ class ParticleEngine(Protocol):
     """Live particles of P prompts x N rows (prompt-major), advanced one token at a time."""
 
     device: torch.device
+    fork_block: int  # a copy made when a row's length is 1 mod this costs no recomputation
 
     @property
     def adaptable(self) -> bool:
@@ -102,6 +103,7 @@ class LMParticles:
         self.logp: torch.Tensor | None = None  # next-token log p of the rows, if computed
         self.pending: torch.Tensor | None = None  # tokens drawn but not yet fed to the model
         self.alpha_t = 1.0
+        self.fork_block = 1  # rows are copied with their cache, at any length
 
     @property
     def adaptable(self) -> bool:

@@ -2,7 +2,9 @@
 
 * `advance` sets the processor's spec for this step (alpha_t, tau), submits the rows that
   have no running request (re-submission: prompt + the row's tokens as a token prompt; prefix
-  caching recomputes at most one KV block of it), and steps the engine until every live row has
+  caching recomputes 1 .. `fork_block` tokens of it: only whole KV blocks are cached, and
+  exactly one when the length is 1 mod the block, where `resample_align='block'` puts every
+  resampling), and steps the engine until every live row has
   produced exactly one token. A row that produced its token while others still wait (the
   step's token budget was exceeded) is aborted at once and re-submitted at the next `advance`,
   so no row ever runs ahead.
@@ -47,6 +49,7 @@ class VllmParticles:
         self.lm, self.gen, self.tau = lm, generator, tau
         self.spec = vp.Spec(top_k=top_k, top_p=top_p)
         self.device = torch.device("cpu")
+        self.fork_block = lm.block_size  # prefix caching reuses whole KV blocks only
         self.gid: str | None = None
         self.seqs: list[list[int]] = []  # per row: prompt + generated tokens
         self.reqs: list[str | None] = []  # per row: its running request, or None
