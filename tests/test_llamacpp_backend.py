@@ -235,11 +235,29 @@ def test_bad_gguf_files_are_clear_errors(tmp_path):
         load_model(backend="llama.cpp", dtype="float32")
 
 
-def test_gguf_without_chat_template(tmp_path):
+def test_cache_key_follows_content_not_modification_time(tmp_path):
+    """The same file installed twice (another mtime) shares its derived copies; a changed
+    file of the same name and size does not."""
+    import os
+
+    from powersmc.backends.convert import cache_key
+
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for f in (a, b):
+        f.parent.mkdir()
+        f.write_bytes(b"GGUF" + bytes(range(256)) * 4096)
+    os.utime(b, (1, 1))
+    assert cache_key(a) == cache_key(b)
+    b.write_bytes(b"GGUF" + bytes(range(256)) * 4095 + bytes(256))
+    assert cache_key(a) != cache_key(b) and a.stat().st_size == b.stat().st_size
+
+
+def test_gguf_without_chat_template(tmp_path, monkeypatch):
     """A GGUF that carries no chat template: chat prompts are refused with the file named;
-    raw prompts work."""
+    raw prompts work. Its F16 copy goes to a cache of the test's own."""
     from gguf import GGUFReader, GGUFWriter
 
+    monkeypatch.setenv("POWERSMC_CACHE", str(tmp_path / "cache"))
     src = GGUFReader(str(default_gguf_path()))
     dst = tmp_path / "notemplate.gguf"
     arch = bytes(src.fields["general.architecture"].parts[-1]).decode()
