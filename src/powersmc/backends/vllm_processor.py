@@ -90,11 +90,13 @@ def power_rows(logits: torch.Tensor, spec: Spec) -> torch.Tensor:
     lse = torch.logsumexp(logits, -1, keepdim=True)
     logp = logits.sub_(lse)  # raw log p, in place
     target = _truncated(logp, spec.top_k, spec.top_p)
-    top = logp.argmax(-1, keepdim=True)  # always kept by every truncation
-    shift = torch.zeros_like(lse) if target is logp else (
-        logp.gather(-1, top) - target.gather(-1, top))
     cut = spec.proposal_top_k is not None or (spec.proposal_top_p is not None
                                               and spec.proposal_top_p < 1.0)
+    # the most likely token, kept by every truncation (an argmax costs as much as a
+    # logsumexp over the vocabulary, so only where a truncation needs it)
+    top = logp.argmax(-1, keepdim=True) if target is not logp or cut else None
+    shift = torch.zeros_like(lse) if target is logp else (
+        logp.gather(-1, top) - target.gather(-1, top))
     if target is logp and spec.inv_tau == spec.alpha and not cut:
         s = logp.mul_(spec.alpha)  # the default proposal q = p^alpha_t / Z_t: one reduction
         log_z = log_norm = torch.logsumexp(s, -1, keepdim=True)
