@@ -32,6 +32,22 @@ def _runs(lm, resampler, ramp, particles=8, runs=RUNS, seed0=0, **kw):
                    resampler=resampler, ramp_tokens=ramp, seed=seed0 + s, **kw)
         for s in range(runs)
     ]
+    return _tokens_and_log_z(out)
+
+
+def _assert_exact(draws, log_zs, pi, log_z_true, tests, label):
+    """The evidence-weighted output of `draws` is pi_alpha (a z-test per outcome) and
+    exp(log_z) is unbiased for Z, each Bonferroni-corrected over `tests` parametrisations."""
+    z_hat = [math.exp(v - log_z_true) for v in log_zs]
+    est, worst = weighted_frequency_z(draws, z_hat, pi)
+    threshold = z_threshold(num_cells(pi, len(draws)) * tests)
+    assert worst < threshold, f"max |z| {worst:.2f} >= {threshold:.2f}"
+    assert mean_z(z_hat, 1.0) < z_threshold(tests)
+    print(f"{label}: TV(weighted, pi) = {total_variation(est, pi):.4f}, max |z| = {worst:.2f}, "
+          f"mean Z_hat/Z = {sum(z_hat) / len(z_hat):.4f}")
+
+
+def _tokens_and_log_z(out):
     return [tuple(r.token_ids) for r in out], [r.log_z for r in out]
 
 
@@ -40,13 +56,8 @@ def test_evidence_weighted_output_is_exact(model, resampler, ramp):
     lm = MODELS[model]()
     pi, log_z_true = power_distribution(lm, PROMPT, HORIZON, ALPHA)
     draws, log_zs = _runs(lm, resampler, ramp)
-    z_hat = [math.exp(v - log_z_true) for v in log_zs]
-    est, worst = weighted_frequency_z(draws, z_hat, pi)
-    threshold = z_threshold(num_cells(pi, RUNS) * len(CONFIGS))
-    assert worst < threshold, f"max |z| {worst:.2f} >= {threshold:.2f}"
-    # the evidence estimate exp(log_z) is unbiased for sum_y p(y)^alpha
-    assert mean_z(z_hat, 1.0) < z_threshold(len(CONFIGS))
-    print(f"{model}/{resampler}/ramp={ramp}: TV(weighted, pi) = {total_variation(est, pi):.4f}")
+    _assert_exact(draws, log_zs, pi, log_z_true, len(CONFIGS),
+                  f"{model}/{resampler}/ramp={ramp}")
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -149,12 +160,7 @@ def test_chopthin_resampling_is_exact(model):
     out = _batched_runs(lm, RUNS, particles=8, resampler="chopthin", ess_threshold=1.0,
                         seed0=90_000)
     assert sum(bool(r.resample_steps) for r in out) > RUNS / 2
-    z_hat = [math.exp(r.log_z - log_z_true) for r in out]
-    est, worst = weighted_frequency_z([tuple(r.token_ids) for r in out], z_hat, pi)
-    assert worst < z_threshold(num_cells(pi, RUNS) * len(MODELS))
-    assert mean_z(z_hat, 1.0) < z_threshold(len(MODELS))
-    print(f"{model}/chopthin: TV(weighted, pi) = {total_variation(est, pi):.4f}, "
-          f"max |z| = {worst:.2f}, mean Z_hat/Z = {sum(z_hat) / RUNS:.4f}")
+    _assert_exact(*_tokens_and_log_z(out), pi, log_z_true, len(MODELS), f"{model}/chopthin")
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -166,12 +172,7 @@ def test_rounds_evidence_weighted_output_is_exact(model):
     out = _batched_runs(lm, RUNS, particles=4, rounds=3, seed0=70_000)
     assert all(r.stats["rounds"] == 3 and len(r.particles) == 12 for r in out)
     assert len({r.stats["round"] for r in out}) == 3
-    z_hat = [math.exp(r.log_z - log_z_true) for r in out]
-    est, worst = weighted_frequency_z([tuple(r.token_ids) for r in out], z_hat, pi)
-    assert worst < z_threshold(num_cells(pi, RUNS) * len(MODELS))
-    assert mean_z(z_hat, 1.0) < z_threshold(len(MODELS))
-    print(f"{model}/rounds=3: TV(weighted, pi) = {total_variation(est, pi):.4f}, "
-          f"max |z| = {worst:.2f}")
+    _assert_exact(*_tokens_and_log_z(out), pi, log_z_true, len(MODELS), f"{model}/rounds=3")
 
 
 def test_rounds_raw_output_converges():
@@ -207,12 +208,8 @@ def test_adapted_order_is_exact(model, resampler, ramp, kappa):
     out = _batched_runs(lm, RUNS, particles=8, order="adapted", resampler=resampler,
                         ramp_tokens=ramp, ess_threshold=kappa, seed0=120_000)
     assert sum(bool(r.resample_steps) for r in out) > RUNS / 2
-    z_hat = [math.exp(r.log_z - log_z_true) for r in out]
-    est, worst = weighted_frequency_z([tuple(r.token_ids) for r in out], z_hat, pi)
-    assert worst < z_threshold(num_cells(pi, RUNS) * len(ADAPTED))
-    assert mean_z(z_hat, 1.0) < z_threshold(len(ADAPTED))
-    print(f"{model}/adapted/{resampler}/ramp={ramp}: TV(weighted, pi) = "
-          f"{total_variation(est, pi):.4f}, max |z| = {worst:.2f}")
+    _assert_exact(*_tokens_and_log_z(out), pi, log_z_true, len(ADAPTED),
+                  f"{model}/adapted/{resampler}/ramp={ramp}")
 
 
 def test_adapted_order_raw_output_converges():
@@ -266,12 +263,8 @@ def test_aligned_resampling_is_exact(model, order, resampler, ramp):
                         ramp_tokens=ramp, ess_threshold=1.0, resample_align=2, seed0=150_000)
     steps = [t for r in out for t in r.resample_steps]
     assert len(steps) > RUNS and all((len(PROMPT) + t - 1) % 2 == 0 for t in steps)
-    z_hat = [math.exp(r.log_z - log_z_true) for r in out]
-    est, worst = weighted_frequency_z([tuple(r.token_ids) for r in out], z_hat, pi)
-    assert worst < z_threshold(num_cells(pi, RUNS) * len(ALIGNED))
-    assert mean_z(z_hat, 1.0) < z_threshold(len(ALIGNED))
-    print(f"{model}/{order}/align=2: TV(weighted, pi) = {total_variation(est, pi):.4f}, "
-          f"max |z| = {worst:.2f}")
+    _assert_exact(*_tokens_and_log_z(out), pi, log_z_true, len(ALIGNED),
+                  f"{model}/{order}/align=2")
 
 
 def test_resample_align_is_checked():

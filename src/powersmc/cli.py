@@ -66,10 +66,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _align(value: str) -> int | str:
-    """--resample-align: a positive integer or 'block'."""
-    if value == "block" or (value.isdigit() and int(value) >= 1):
-        return value if value == "block" else int(value)
-    raise InputError("--resample-align", "a positive integer or 'block'", value)
+    """--resample-align as `smc_sample`'s resample_align (checked there: B >= 1 or 'block')."""
+    from powersmc.methods.smc import check_resample_align
+
+    return check_resample_align(int(value) if value.isdigit() else value, "--resample-align")
 
 
 def method_options(args: argparse.Namespace) -> dict:

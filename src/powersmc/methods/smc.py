@@ -60,12 +60,11 @@ def check_order(order: str) -> str:
     return order
 
 
-def check_resample_align(align: int | str) -> int | str:
+def check_resample_align(align: int | str, name: str = "resample_align") -> int | str:
     if align == "block" or (isinstance(align, int) and not isinstance(align, bool)
                             and align >= 1):
         return align
-    raise InputError("resample_align", "a positive integer or 'block' (the engine's KV block)",
-                     align)
+    raise InputError(name, "a positive integer or 'block' (the engine's KV block)", align)
 
 
 def smc_sample(model: LanguageModel, prompt: Prompt, **options) -> SMCResult:
