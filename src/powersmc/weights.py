@@ -57,6 +57,23 @@ def log_power_normalizer(logp: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.logsumexp(alpha * logp.double(), dim=-1)
 
 
+FLOOR = -80.0  # exp(-80) = 1.8e-35: above float32's smallest normal number (1.2e-38)
+
+
+def logsumexp_rows(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dimension (keepdim) of float32 rows, without subnormals.
+
+    torch.logsumexp forms exp(x - max), and for the power proposal's rows (alpha * log p spans
+    hundreds of nats) most of those are subnormal floats, which the CPU handles many times
+    slower: 14 ms instead of 1 ms for 16 x 49,152 on this project's CPU, a tenth of an engine
+    step. Flooring x - max at FLOOR adds at most V * e^-80 (< 1e-29 for any vocabulary under
+    10^6) to a sum that is at least 1, far below float32's resolution of 6e-8: the value is
+    the float32 logsumexp. Rows need one finite entry (the model's, or a truncation's kept
+    set)."""
+    m = x.amax(-1, keepdim=True)
+    return (x - m).clamp_(min=FLOOR).exp_().sum(-1, keepdim=True).log_().add_(m)
+
+
 def renyi_entropy(logp: torch.Tensor, alpha: float) -> torch.Tensor:
     """Renyi entropy of order alpha (eq. 12) of the distributions in `logp` (last dimension)."""
     if alpha == 1.0:

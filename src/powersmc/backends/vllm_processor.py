@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from powersmc.proposals import truncate_logprobs
+from powersmc.weights import logsumexp_rows
 
 KEY = "powersmc"
 
@@ -87,7 +88,7 @@ def power_rows(logits: torch.Tensor, spec: Spec) -> torch.Tensor:
     """Turn raw logits [b, V] (float32, modified in place) into the proposal's logits; return
     [b, 3 + 2 * extra] float64 values per row: shift, log_norm, log_z, then the extra tokens
     and their target log p."""
-    lse = torch.logsumexp(logits, -1, keepdim=True)
+    lse = logsumexp_rows(logits)
     logp = logits.sub_(lse)  # raw log p, in place
     target = _truncated(logp, spec.top_k, spec.top_p)
     cut = spec.proposal_top_k is not None or (spec.proposal_top_p is not None
@@ -99,9 +100,9 @@ def power_rows(logits: torch.Tensor, spec: Spec) -> torch.Tensor:
         logp.gather(-1, top) - target.gather(-1, top))
     if target is logp and spec.inv_tau == spec.alpha and not cut:
         s = logp.mul_(spec.alpha)  # the default proposal q = p^alpha_t / Z_t: one reduction
-        log_z = log_norm = torch.logsumexp(s, -1, keepdim=True)
+        log_z = log_norm = logsumexp_rows(s)
     else:
-        log_z = torch.logsumexp(target * spec.alpha, -1, keepdim=True)
+        log_z = logsumexp_rows(target * spec.alpha)
         s = target * spec.inv_tau
         if cut:  # q over the kept set; log_norm = logsumexp of s over that set
             q = truncate_logprobs(torch.log_softmax(s, -1), spec.proposal_top_k,
@@ -109,7 +110,7 @@ def power_rows(logits: torch.Tensor, spec: Spec) -> torch.Tensor:
             log_norm = s.gather(-1, top) - q.gather(-1, top)
             s = q
         else:
-            log_norm = torch.logsumexp(s, -1, keepdim=True)
+            log_norm = logsumexp_rows(s)
     out = [shift, log_norm, log_z]
     if spec.extra:
         if spec.generator is None or spec.generator.device != logits.device:
