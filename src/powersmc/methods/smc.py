@@ -145,8 +145,8 @@ def smc_sample_many(
             the particles only stay unbalanced for up to B - 1 more steps. 'block' takes the
             engine's `fork_block`: on vLLM, whose prefix cache reuses whole KV blocks only, a
             copy made at such a step recomputes one token instead of up to a block (on CPU,
-            where recomputation is as dear as decoding, N = 16 and T = 256 went from 49 s
-            to 34 s, docs/benchmarks.md); elsewhere 1.
+            where recomputation is as dear as decoding, N = 16 and T = 256 went from 1.6x
+            vLLM's own sampling of 16 sequences to 0.96x, docs/benchmarks.md); elsewhere 1.
 
     Cost per result: `token_evals` and `prefill_tokens` are that prompt's own; `seconds` and
     `forward_passes` are the batch's (the answer is ready when the batch is). A backend with a
