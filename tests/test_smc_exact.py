@@ -26,18 +26,26 @@ CONFIGS = [(m, r, 0) for m in MODELS for r in ("systematic", "multinomial", "str
 CONFIGS += [(m, "systematic", 3) for m in MODELS]
 
 
-def _runs(lm, resampler, ramp, particles=8, runs=RUNS, seed0=0, **kw):
-    out = [
+def _results(lm, resampler, ramp, particles=8, runs=RUNS, seed0=0, **kw):
+    return [
         smc_sample(lm, PROMPT, alpha=ALPHA, particles=particles, max_new_tokens=HORIZON,
                    resampler=resampler, ramp_tokens=ramp, seed=seed0 + s, **kw)
         for s in range(runs)
     ]
-    return _tokens_and_log_z(out)
 
 
-def _assert_exact(draws, log_zs, pi, log_z_true, tests, label):
-    """The evidence-weighted output of `draws` is pi_alpha (a z-test per outcome) and
+def _tokens_and_log_z(out):
+    return [tuple(r.token_ids) for r in out], [r.log_z for r in out]
+
+
+def _runs(lm, resampler, ramp, **kw):
+    return _tokens_and_log_z(_results(lm, resampler, ramp, **kw))
+
+
+def _assert_exact(out, pi, log_z_true, tests, label):
+    """The evidence-weighted output of the runs `out` is pi_alpha (a z-test per outcome) and
     exp(log_z) is unbiased for Z, each Bonferroni-corrected over `tests` parametrisations."""
+    draws, log_zs = _tokens_and_log_z(out)
     z_hat = [math.exp(v - log_z_true) for v in log_zs]
     est, worst = weighted_frequency_z(draws, z_hat, pi)
     threshold = z_threshold(num_cells(pi, len(draws)) * tests)
@@ -47,16 +55,11 @@ def _assert_exact(draws, log_zs, pi, log_z_true, tests, label):
           f"mean Z_hat/Z = {sum(z_hat) / len(z_hat):.4f}")
 
 
-def _tokens_and_log_z(out):
-    return [tuple(r.token_ids) for r in out], [r.log_z for r in out]
-
-
 @pytest.mark.parametrize("model,resampler,ramp", CONFIGS)
 def test_evidence_weighted_output_is_exact(model, resampler, ramp):
     lm = MODELS[model]()
     pi, log_z_true = power_distribution(lm, PROMPT, HORIZON, ALPHA)
-    draws, log_zs = _runs(lm, resampler, ramp)
-    _assert_exact(draws, log_zs, pi, log_z_true, len(CONFIGS),
+    _assert_exact(_results(lm, resampler, ramp), pi, log_z_true, len(CONFIGS),
                   f"{model}/{resampler}/ramp={ramp}")
 
 
@@ -160,7 +163,7 @@ def test_chopthin_resampling_is_exact(model):
     out = _batched_runs(lm, RUNS, particles=8, resampler="chopthin", ess_threshold=1.0,
                         seed0=90_000)
     assert sum(bool(r.resample_steps) for r in out) > RUNS / 2
-    _assert_exact(*_tokens_and_log_z(out), pi, log_z_true, len(MODELS), f"{model}/chopthin")
+    _assert_exact(out, pi, log_z_true, len(MODELS), f"{model}/chopthin")
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -172,7 +175,7 @@ def test_rounds_evidence_weighted_output_is_exact(model):
     out = _batched_runs(lm, RUNS, particles=4, rounds=3, seed0=70_000)
     assert all(r.stats["rounds"] == 3 and len(r.particles) == 12 for r in out)
     assert len({r.stats["round"] for r in out}) == 3
-    _assert_exact(*_tokens_and_log_z(out), pi, log_z_true, len(MODELS), f"{model}/rounds=3")
+    _assert_exact(out, pi, log_z_true, len(MODELS), f"{model}/rounds=3")
 
 
 def test_rounds_raw_output_converges():
@@ -208,7 +211,7 @@ def test_adapted_order_is_exact(model, resampler, ramp, kappa):
     out = _batched_runs(lm, RUNS, particles=8, order="adapted", resampler=resampler,
                         ramp_tokens=ramp, ess_threshold=kappa, seed0=120_000)
     assert sum(bool(r.resample_steps) for r in out) > RUNS / 2
-    _assert_exact(*_tokens_and_log_z(out), pi, log_z_true, len(ADAPTED),
+    _assert_exact(out, pi, log_z_true, len(ADAPTED),
                   f"{model}/adapted/{resampler}/ramp={ramp}")
 
 
@@ -263,7 +266,7 @@ def test_aligned_resampling_is_exact(model, order, resampler, ramp):
                         ramp_tokens=ramp, ess_threshold=1.0, resample_align=2, seed0=150_000)
     steps = [t for r in out for t in r.resample_steps]
     assert len(steps) > RUNS and all((len(PROMPT) + t - 1) % 2 == 0 for t in steps)
-    _assert_exact(*_tokens_and_log_z(out), pi, log_z_true, len(ALIGNED),
+    _assert_exact(out, pi, log_z_true, len(ALIGNED),
                   f"{model}/{order}/align=2")
 
 

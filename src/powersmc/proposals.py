@@ -71,7 +71,7 @@ def sample_tempered(
     padded = -(-vocab // _BLOCK) * _BLOCK
     s = logp * inv_tau
     top = s.amax(-1, keepdim=True)
-    s.sub_(top).clamp_(min=FLOOR).exp_()  # no subnormals (see below)
+    s.sub_(top).clamp_(min=FLOOR).exp_()  # no subnormals (see the docstring)
     if padded != vocab:
         s = torch.nn.functional.pad(s, (0, padded - vocab), value=0.0)
     blocks = s.view(rows, -1, _BLOCK)
