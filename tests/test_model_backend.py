@@ -101,7 +101,6 @@ def test_smc_many_prompts_on_default_model(default_lm):
     kw = dict(alpha=4.0, particles=4, max_new_tokens=12, seed=5)
     out = smc_sample_many(default_lm, prompts, **kw)
     assert len(out) == 2 and all(len(r.particles) == 4 for r in out)
-    assert all(r.stats["batch_prompts"] == 2 for r in out)
-    assert out[0].cost.forward_passes == out[1].cost.forward_passes
+    assert out[0].seed != out[1].seed  # each prompt's system has its own generator
     again = smc_sample_many(default_lm, prompts, **kw)
     assert [r.token_ids for r in again] == [r.token_ids for r in out]

@@ -129,12 +129,13 @@ def test_log_z_t_is_the_power_normalizer():
         assert abs(r.log_z_t[0] - exact) < 1e-5
 
 
-def test_row_limited_backend_runs_systems_in_consecutive_batches():
-    """A backend holding at most `max_rows` rows (llama.cpp: 255) gets the P * rounds particle
-    systems in batches of whole systems; more particles than rows is a clear error."""
+def test_row_limited_backend_admits_systems_as_rows_free():
+    """A backend holding at most `max_rows` rows (llama.cpp: 255) never holds more: the
+    P * rounds particle systems join the running batch as rows free up; more particles than
+    rows is a clear error."""
     lm = random_lm()
     sizes = row_limited(lm, 8)
     r = smc_sample(lm, PROMPT, particles=4, rounds=5, max_new_tokens=4, seed=0)
-    assert sizes == [8, 8, 4] and len(r.particles) == 20 and r.stats["rounds"] == 5
+    assert max(sizes) == 8 and len(r.particles) == 20 and r.stats["rounds"] == 5
     with pytest.raises(InputError, match="^particles: at most 8"):
         smc_sample(lm, PROMPT, particles=9, max_new_tokens=4, seed=0)

@@ -25,6 +25,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install '.
 
 from powersmc import InputError, load_model, smc_sample  # noqa: E402
 from powersmc.backends.convert import hf_directory  # noqa: E402
+from powersmc.backends.particles import DrawSpec  # noqa: E402
 from powersmc.models import default_gguf_path  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -62,8 +63,8 @@ def _forced(engine, path, alpha, steps):
     step, which re-submits the row): the draws of every step."""
     draws = []
     for t in range(steps):
-        draws.append(engine.advance(alpha))
-        engine.reorder(torch.tensor([0]), last=torch.tensor([path[t]]))
+        draws.append(engine.advance([alpha]))
+        engine.reorder(torch.tensor([0]), [1], last=torch.tensor([path[t]]))
     return draws
 
 
@@ -82,8 +83,8 @@ def test_teacher_forced_weights_equal_transformers(vllm_lm, hf_lm, tau):
     ids = vllm_lm.encode_prompt(PROMPT)
     gen = torch.Generator().manual_seed(0)
     path = smc_sample(hf_lm, PROMPT, particles=1, max_new_tokens=12, seed=3).token_ids
-    engine = vllm_lm.particle_engine(gen, tau=tau)
-    engine.start([ids], 1, budget=len(path))
+    engine = vllm_lm.particle_engine()
+    engine.admit(ids, 1, DrawSpec(gen, tau=tau), budget=len(path))
     draws = _forced(engine, path, ALPHA, len(path))
     engine.close()
     ref = _hf_logprobs(hf_lm, ids, path)
@@ -106,8 +107,9 @@ def test_truncated_target_weights_equal_transformers(vllm_lm, hf_lm):
 
     ids = vllm_lm.encode_prompt(PROMPT)
     path = smc_sample(hf_lm, PROMPT, particles=1, max_new_tokens=6, seed=4).token_ids
-    engine = vllm_lm.particle_engine(torch.Generator().manual_seed(1), top_k=40, top_p=0.9)
-    engine.start([ids], 1, budget=len(path))
+    engine = vllm_lm.particle_engine()
+    engine.admit(ids, 1, DrawSpec(torch.Generator().manual_seed(1), top_k=40, top_p=0.9),
+                 budget=len(path))
     draws = _forced(engine, path, ALPHA, len(path))
     engine.close()
     ref = _hf_logprobs(hf_lm, ids, path)
@@ -125,9 +127,10 @@ def test_drawn_tokens_follow_the_power_proposal(vllm_lm, hf_lm):
 
     ids = vllm_lm.tokenizer("Once upon a time, in a small")["input_ids"]  # a spread-out next
     alpha, rows = 1.5, 200  # token, so that many cells are tested
-    engine = vllm_lm.particle_engine(torch.Generator().manual_seed(7))
-    engine.start([ids], rows, budget=rows, redraws=True)
-    drawn = engine.advance(alpha).tokens.tolist()
+    engine = vllm_lm.particle_engine()
+    engine.admit(ids, rows, DrawSpec(torch.Generator().manual_seed(7), redraws=True),
+                 budget=rows)
+    drawn = engine.advance([alpha]).tokens.tolist()
     spare = engine.redraw(torch.arange(rows).repeat(2)).tokens.tolist()
     engine.close()
     q = torch.softmax(alpha * _hf_logprobs(hf_lm, ids, [])[0], 0).tolist()
@@ -144,19 +147,19 @@ def test_resampled_particles_weights_equal_a_from_scratch_computation(vllm_lm, h
     on: every continued particle's per-step weights equal log Z_t of its own prefix computed
     from scratch by the Transformers backend."""
     ids = vllm_lm.encode_prompt(PROMPT)
-    engine = vllm_lm.particle_engine(torch.Generator().manual_seed(2))
-    engine.start([ids], 4, budget=64)
+    engine = vllm_lm.particle_engine()
+    engine.admit(ids, 4, DrawSpec(torch.Generator().manual_seed(2)), budget=64)
     hist = [[] for _ in range(4)]  # per row: (token, log Z_t) of every step
     for t in range(8):
-        d = engine.advance(ALPHA)
+        d = engine.advance([ALPHA])
         for i in range(4):
             hist[i].append((int(d.tokens[i]), float(d.log_z[i])))
         if t == 3:
             index = [2, 2, 0, 3]
-            engine.reorder(torch.tensor(index))
+            engine.reorder(torch.tensor(index), [4])
             hist = [list(hist[i]) for i in index]
         elif t < 7:
-            engine.reorder(torch.arange(4))
+            engine.reorder(torch.arange(4), [4])
     engine.close()
     for row in hist:
         path = [tok for tok, _ in row]

@@ -46,14 +46,25 @@ PROMPT = [3]
 
 def row_limited(lm, max_rows: int) -> list[int]:
     """Give `lm` a row limit (as llama.cpp's 255 sequences) and record the rows of every
-    `prefill_many` call it then serves; returns that (growing) list."""
+    forward it then serves (prefills, systems joining, steps: all rows of the batch at that
+    moment); returns that (growing) list."""
     lm.max_rows = max_rows
     sizes: list[int] = []
-    inner = lm.prefill_many
+    prefill, extend, step = lm.prefill_many, lm.extend, lm.step
 
-    def counting(prompts, rows, **kw):
-        sizes.append(len(prompts) * rows)
-        return inner(prompts, rows, **kw)
+    def counting_prefill(prompts, rows, **kw):
+        state, logp = prefill(prompts, rows, **kw)
+        sizes.append(len(state.prefixes))
+        return state, logp
 
-    lm.prefill_many = counting
+    def counting_extend(state, prompts, rows, **kw):
+        out = extend(state, prompts, rows, **kw)
+        sizes.append(len(state.prefixes))
+        return out
+
+    def counting_step(state, tokens):
+        sizes.append(len(state.prefixes))
+        return step(state, tokens)
+
+    lm.prefill_many, lm.extend, lm.step = counting_prefill, counting_extend, counting_step
     return sizes

@@ -45,7 +45,8 @@ class TemperatureProposal:
 
 
 def sample_tempered(
-    logp: torch.Tensor, inv_tau: float, generator: torch.Generator | None
+    logp: torch.Tensor, inv_tau: float | torch.Tensor,
+    generator: torch.Generator | torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from q(v) proportional to exp(inv_tau * logp(v)) (eq. 3) and
     return (tokens [n], log_norm [n] float64), log_norm = log sum_v exp(inv_tau * logp(v)).
@@ -66,10 +67,14 @@ def sample_tempered(
     CPU (`weights.logsumexp_rows`). This changes log_norm by under 1e-29 relative and the draw
     not at all: such a token (or a truncated one, p = 0) holds less than the float64 uniform's
     resolution (2^-53 of the total), so the cumulative sums never step over it.
+
+    `inv_tau` may be one value per row (a tensor [n]); `generator` may be the draw's float64
+    uniforms [n] themselves (drawn by the caller, e.g. from each row's own generator): a
+    generator yields exactly `torch.rand(n, dtype=float64)` from it.
     """
     rows, vocab = logp.shape
     padded = -(-vocab // _BLOCK) * _BLOCK
-    s = logp * inv_tau
+    s = logp * (inv_tau.to(logp.dtype)[:, None] if isinstance(inv_tau, torch.Tensor) else inv_tau)
     top = s.amax(-1, keepdim=True)
     s.sub_(top).clamp_(min=FLOOR).exp_()  # no subnormals (see the docstring)
     if padded != vocab:
@@ -77,8 +82,11 @@ def sample_tempered(
     blocks = s.view(rows, -1, _BLOCK)
     cum = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [rows, blocks]
     total = cum[:, -1:]
-    u = (1.0 - torch.rand((rows, 1), generator=generator, dtype=torch.float64,
-                          device=logp.device)) * total  # uniform on (0, total]
+    if isinstance(generator, torch.Tensor):
+        u = generator.to(logp.device, torch.float64).view(rows, 1)
+    else:
+        u = torch.rand((rows, 1), generator=generator, dtype=torch.float64, device=logp.device)
+    u = (1.0 - u) * total  # uniform on (0, total]
     b = torch.searchsorted(cum, u).clamp_max(cum.shape[1] - 1)
     below = torch.where(b > 0, cum.gather(1, (b - 1).clamp_min(0)), torch.zeros_like(u))
     inner = blocks[torch.arange(rows, device=logp.device), b.squeeze(1)].double().cumsum(-1)

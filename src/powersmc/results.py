@@ -9,12 +9,15 @@ from typing import Any
 @dataclass
 class Cost:
     """What a run spent. A token evaluation is one cached forward step producing next-token
-    logits for one sequence (paper Sec. 6.1); the prompt's prefill is counted separately."""
+    logits for one sequence (paper Sec. 6.1); the prompt's prefill is counted separately.
+    `queue_seconds`: time a scheduled run waited for rows before it joined the batch (not
+    part of `seconds`)."""
 
     seconds: float = 0.0
     forward_passes: int = 0
     token_evals: int = 0
     prefill_tokens: int = 0
+    queue_seconds: float = 0.0
 
     def add_step(self, rows: int) -> None:
         self.forward_passes += 1

@@ -94,6 +94,16 @@ class FunctionLM:
                               [len(p) for p in ids for _ in range(rows)])
         return state, self._batch(state.prefixes)
 
+    def extend(self, state: FunctionState, prompts: Sequence[Sequence[int]], rows: int, *,
+               budget: int | None = None) -> torch.Tensor:
+        """Append `rows` rows per prompt to a running state (a system joining the batch);
+        returns the new rows' next-token logprobs."""
+        ids = [tuple(int(i) for i in p) for p in prompts]
+        new = [p for p in ids for _ in range(rows)]
+        state.prefixes += new
+        state.prompt_lens += [len(p) for p in new]
+        return self._batch(new)
+
     def step(self, state: FunctionState, tokens: torch.Tensor) -> torch.Tensor:
         state.prefixes = [p + (t,) for p, t in zip(state.prefixes, tokens.tolist(), strict=True)]
         return self._batch(state.prefixes)

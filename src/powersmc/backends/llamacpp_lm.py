@@ -414,6 +414,13 @@ class LlamaCppLM:
         state = LlamaState(seqs, np.zeros(seqs.ids.size, dtype=np.int32),
                            np.repeat([len(p) for p in prompts], rows).astype(np.int32))
         weakref.finalize(state, _release, seqs)
+        return state, self._prompts(ctx, state, prompts, rows)
+
+    def _prompts(self, ctx: _Context, state: LlamaState, prompts: Sequence[Sequence[int]],
+                 rows: int) -> torch.Tensor:
+        """Evaluate each prompt once under its first row's sequence and share its cells with
+        its other rows; returns every row's next-token logprobs."""
+        seqs = state.seqs
         first = seqs.ids[::rows]
         chunk = self._batch.capacity
         last = np.zeros((len(prompts), self.vocab_size), dtype=np.float32)
@@ -437,7 +444,27 @@ class LlamaCppLM:
                 ctx.copy(src, dst)
         state.pos[:] = state.prompt_len
         logp = torch.log_softmax(torch.from_numpy(last), dim=-1)
-        return state, logp.repeat_interleave(rows, 0)
+        return logp.repeat_interleave(rows, 0)
+
+    def extend(self, state: LlamaState, prompts: Sequence[Sequence[int]], rows: int, *,
+               budget: int | None = None) -> torch.Tensor:
+        """Append `rows` rows per prompt to a running state, in its context (a system joining
+        the batch: `methods.scheduler`); returns the new rows' next-token logprobs. The caller
+        keeps the context's cells within `capacity` (`budget` is not used here)."""
+        ctx = state.seqs.ctx
+        new = LlamaState(_Seqs(ctx, ctx.take(len(prompts) * rows)),
+                         np.zeros(len(prompts) * rows, dtype=np.int32),
+                         np.repeat([len(p) for p in prompts], rows).astype(np.int32))
+        logp = self._prompts(ctx, new, prompts, rows)
+        state.seqs.ids = np.concatenate([state.seqs.ids, new.seqs.ids])
+        state.pos = np.concatenate([state.pos, new.pos])
+        state.prompt_len = np.concatenate([state.prompt_len, new.prompt_len])
+        new.seqs.ids = new.seqs.ids[:0]  # now held by `state`
+        return logp
+
+    def capacity(self, state: LlamaState | None) -> int | None:
+        """KV cells of the state's context (None: sized at the next prefill)."""
+        return state.seqs.ctx.cells if state is not None else self.n_ctx
 
     def _feed(self, state: LlamaState, tokens: np.ndarray) -> None:
         """One decode: each row's next token at its own position, logits for every row."""

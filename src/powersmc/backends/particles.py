@@ -38,46 +38,75 @@ class Draw:
     log_z: torch.Tensor  # log sum_v p(v | prefix)^alpha_t (eq. 13 diagnostic)
 
 
-@runtime_checkable
-class ParticleEngine(Protocol):
-    """Live particles of P prompts x N rows (prompt-major), advanced one token at a time."""
+@dataclass(frozen=True, eq=False)
+class DrawSpec:
+    """How the rows of one particle system are drawn: its own generator and proposal.
 
-    device: torch.device
-    fork_block: int  # a copy made when a row's length is 1 mod this costs no recomputation
+    Proposal: q = p^{1/tau} / Z with tau = 1/alpha_t by default (Theorem 1), a fixed `tau`, or
+    any prefix-only `proposal`; `top_k` / `top_p` truncate the model itself (the target).
+    `redraws`: the loop may call `redraw` for these rows (the fully adapted order)."""
+
+    generator: torch.Generator
+    tau: float | None = None
+    proposal: Proposal | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    redraws: bool = False
+
+    @property
+    def truncating(self) -> bool:
+        return self.top_k is not None or (self.top_p is not None and self.top_p < 1.0)
 
     @property
     def adaptable(self) -> bool:
-        """Whether the incremental weight depends on the prefix only (the default proposal), so
-        the fully adapted order (`redraw`) is exact."""
+        """The incremental weight depends on the prefix only (the default proposal), so the
+        fully adapted order (`redraw`) is exact."""
+        return self.tau is None and self.proposal is None
+
+
+@runtime_checkable
+class ParticleEngine(Protocol):
+    """Live particles of several systems in one batch, advanced one token at a time.
+
+    Rows are system-major: the rows of the live systems in the order they joined, each
+    system's rows contiguous. A system joins with `admit` (its rows come after the others' at
+    the next `advance`) and leaves when `reorder` gives it no rows."""
+
+    device: torch.device
+    fork_block: int  # a copy made when a row's length is 1 mod this costs no recomputation
+    joins_running: bool  # a system can join while others run (else only into an empty batch)
+
+    def room(self, prompt_len: int, rows: int, budget: int) -> bool:
+        """Whether a system of `rows` rows, its prompt and `budget` generated tokens fits
+        beside the live ones now (a fixed-size cache); an empty engine always says yes."""
         ...
 
-    def start(self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int,
-              redraws: bool = False) -> None:
-        """Take P prompts, `rows` particles each, nothing generated yet. `budget` bounds the
-        tokens all rows will generate together (for engines with a fixed-size cache).
-        `redraws`: the loop may call `redraw` (the fully adapted order), so an engine that
-        cannot draw after the fact (vLLM) draws the spare tokens with every step."""
+    def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int) -> None:
+        """Take a new system: `rows` particles on `prompt`, nothing generated yet. `budget`
+        bounds the tokens its rows will generate together."""
         ...
 
-    def advance(self, alpha_t: float) -> Draw:
-        """Draw the next token of every live row from the proposal at exponent alpha_t and
-        append it to the row."""
+    def advance(self, alphas: Sequence[float]) -> Draw:
+        """Draw the next token of every live row from its system's proposal at that system's
+        exponent (`alphas`, one per system in row order) and append it to the row."""
         ...
 
     def redraw(self, rows: torch.Tensor) -> Draw:
         """Fresh draws for the given live rows (int64 indices, repeats allowed), each
         independent of every other draw, from the proposal of the last `advance` given the same
         prefix (the row's tokens before its last). Changes nothing; `reorder(..., last=...)`
-        installs them. Only for `adaptable` engines."""
+        installs them. Only for rows of `adaptable` systems admitted with `redraws`."""
         ...
 
-    def reorder(self, index: torch.Tensor, last: torch.Tensor | None = None) -> None:
-        """Row k becomes a copy of old row index[k] (int64; rows may be dropped or repeated).
-        With `last`, row k's newest token is last[k] instead of the copied row's."""
+    def reorder(self, index: torch.Tensor, counts: Sequence[int],
+                last: torch.Tensor | None = None) -> None:
+        """Row k becomes a copy of old row index[k] (int64; rows may be dropped or repeated);
+        `counts`: the rows each system (in order) has afterwards, a 0 removes the system and
+        frees what it held. With `last`, row k's newest token is last[k] instead."""
         ...
 
     def close(self) -> None:
-        """Release the engine's state for these particles."""
+        """Release every system's state."""
         ...
 
 
@@ -86,50 +115,99 @@ class LMParticles:
 
     The forward pass of a step's tokens runs lazily at the next `advance`, after the loop has
     applied its ancestor indices, so each step costs one batched forward over the rows that
-    survive it (finished particles have left the batch, App. D).
+    survive it (finished particles have left the batch, App. D); systems admitted since are
+    prefilled after it (their prompts evaluated once, shared by their rows) and join the draw.
 
-    Proposal: q = p^{1/tau} / Z with tau = 1/alpha_t by default (Theorem 1), a fixed `tau`, or
-    any prefix-only `proposal`; `top_k` / `top_p` truncate the model itself (the target).
+    Draws: the systems on the default proposal (tau = 1/alpha_t, no truncation) are drawn in
+    one vectorised pass (per-row exponents); the others system by system. Every system draws
+    from its own generator, consuming exactly what it would alone, so a seeded system's tokens
+    depend on the batch only through the model's log-probs (bit-identical on batch-invariant
+    models such as `FunctionLM`). A model joins systems into a running batch if it has
+    `extend(state, prompts, rows, budget=...)` (llama.cpp, toy models); otherwise systems join
+    only an empty batch.
     """
 
-    def __init__(self, model: LanguageModel, generator: torch.Generator, *,
-                 tau: float | None = None, proposal: Proposal | None = None,
-                 top_k: int | None = None, top_p: float | None = None) -> None:
-        self.model, self.gen = model, generator
-        self.tau, self.proposal, self.top_k, self.top_p = tau, proposal, top_k, top_p
+    def __init__(self, model: LanguageModel) -> None:
+        self.model = model
         self.device = model.device
-        self.truncating = top_k is not None or (top_p is not None and top_p < 1.0)
+        self.fork_block = 1  # rows are copied with their cache, at any length
+        self.joins_running = callable(getattr(model, "extend", None))
         self.state: Any = None
         self.logp: torch.Tensor | None = None  # next-token log p of the rows, if computed
         self.pending: torch.Tensor | None = None  # tokens drawn but not yet fed to the model
-        self.alpha_t = 1.0
-        self.fork_block = 1  # rows are copied with their cache, at any length
+        self.specs: list[DrawSpec] = []  # per live system, in row order
+        self.counts: list[int] = []  # rows per live system
+        self.budgets: list[int] = []  # prompt + generated-token budget per live system
+        self.joining: list[tuple[list[int], int, DrawSpec, int]] = []
+        self.alphas: torch.Tensor | None = None  # per-row exponent of the last draw
 
-    @property
-    def adaptable(self) -> bool:
-        return self.tau is None and self.proposal is None
+    def room(self, prompt_len: int, rows: int, budget: int) -> bool:
+        if not self.counts and not self.joining:
+            return True
+        if not self.joins_running:
+            return False
+        capacity = getattr(self.model, "capacity", None)
+        cells = capacity(self.state) if callable(capacity) and self.state is not None else None
+        if cells is None:
+            return True
+        held = sum(self.budgets) + sum(len(p) + b for p, _, _, b in self.joining)
+        return held + prompt_len + budget <= cells
 
-    def start(self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int,
-              redraws: bool = False) -> None:
-        """`redraws` needs nothing here: `redraw` samples from the kept log-probs."""
-        self.state, logp = self.model.prefill_many(prompts, rows, budget=budget)
-        self.logp = self._target(logp)
-        self.pending = None
+    def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int) -> None:
+        self.joining.append(([int(i) for i in prompt], rows, spec, budget))
 
-    def advance(self, alpha_t: float) -> Draw:
+    def advance(self, alphas: Sequence[float]) -> Draw:
+        parts = []
         if self.pending is not None:
             with record_function("powersmc.forward"):
-                self.logp = self._target(self.model.step(self.state, self.pending))
-        self.alpha_t = alpha_t
+                parts.append(self.model.step(self.state, self.pending))
+        elif self.logp is not None:
+            parts.append(self.logp)
+        if self.joining:
+            with record_function("powersmc.prefill"):
+                parts += self._prefill()
+        logp = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if any(s.truncating for s in self.specs):  # top-k / top-p: the truncated model
+            lo = 0
+            for c, s in zip(self.counts, self.specs, strict=True):
+                if s.truncating:
+                    logp[lo : lo + c] = truncate_logprobs(logp[lo : lo + c], s.top_k, s.top_p)
+                lo += c
+        self.logp = logp
         with record_function("powersmc.sample"):
-            draw = self._draw(self.logp)
+            draw = self._draw_all(alphas)
         self.pending = draw.tokens
         return draw
 
-    def redraw(self, rows: torch.Tensor) -> Draw:
-        return self._draw(self.logp[rows])
+    def _prefill(self) -> list[torch.Tensor]:
+        """Evaluate the joining systems' prompts into the running state (logp per system)."""
+        out = []
+        for prompt, rows, spec, budget in self.joining:
+            if self.state is None:  # size a fixed cache for everything that is joining
+                total = sum(b + len(p) for p, _, _, b in self.joining)
+                self.state, logp = self.model.prefill_many([prompt], rows, budget=total)
+            else:
+                logp = self.model.extend(self.state, [prompt], rows, budget=budget)
+            out.append(logp)
+            self.specs.append(spec)
+            self.counts.append(rows)
+            self.budgets.append(len(prompt) + budget)
+        self.joining = []
+        return out
 
-    def reorder(self, index: torch.Tensor, last: torch.Tensor | None = None) -> None:
+    def redraw(self, rows: torch.Tensor) -> Draw:
+        assert self.logp is not None and self.alphas is not None
+        row_system = self._row_system()
+        draws = []
+        for r in rows.tolist():  # rare (a resampling in the adapted order): per row
+            spec = self.specs[row_system[r]]
+            a = float(self.alphas[r])
+            draws.append(self._draw(self.logp[r : r + 1], a, spec))
+        return _cat(draws)
+
+    def reorder(self, index: torch.Tensor, counts: Sequence[int],
+                last: torch.Tensor | None = None) -> None:
+        assert self.pending is not None
         n = self.pending.shape[0]
         if index.shape[0] != n or not torch.equal(index, torch.arange(n, device=index.device)):
             self.model.reorder(self.state, index)
@@ -137,35 +215,82 @@ class LMParticles:
             self.logp = None  # recomputed by the next forward
         if last is not None:
             self.pending = last
+        keep = [k for k, c in enumerate(counts) if c > 0]
+        self.specs = [self.specs[k] for k in keep]
+        self.budgets = [self.budgets[k] for k in keep]
+        self.counts = [int(counts[k]) for k in keep]
+        if not self.counts:  # the batch is empty: forget the state (and free its cache)
+            self.state = self.logp = self.pending = None
 
     def close(self) -> None:
         self.state = self.logp = self.pending = None
+        self.specs, self.counts, self.budgets, self.joining = [], [], [], []
 
-    def _target(self, logp: torch.Tensor) -> torch.Tensor:
-        return truncate_logprobs(logp, self.top_k, self.top_p) if self.truncating else logp
+    def _row_system(self) -> list[int]:
+        return [k for k, c in enumerate(self.counts) for _ in range(c)]
 
-    def _draw(self, logp: torch.Tensor) -> Draw:
+    def _draw_all(self, alphas: Sequence[float]) -> Draw:
+        """One draw per row: the default-proposal systems in one pass, the others apart."""
+        assert self.logp is not None
+        if len(self.counts) == 1:
+            self.alphas = torch.full((self.counts[0],), float(alphas[0]), dtype=torch.float64)
+        else:
+            self.alphas = torch.repeat_interleave(torch.tensor(alphas, dtype=torch.float64),
+                                                  torch.tensor(self.counts))
+        plain = [s.adaptable and not s.truncating for s in self.specs]
+        if all(plain):
+            u = torch.cat([_uniforms(c, s.generator) for c, s in zip(self.counts, self.specs,
+                                                                      strict=True)])
+            return self._draw(self.logp, self.alphas, None, u)
+        draws, lo = [], 0
+        for c, s, a in zip(self.counts, self.specs, alphas, strict=True):
+            draws.append(self._draw(self.logp[lo : lo + c], a, s))
+            lo += c
+        return _cat(draws)
+
+    def _draw(self, logp: torch.Tensor, alpha_t: float | torch.Tensor, spec: DrawSpec | None,
+              u: torch.Tensor | None = None) -> Draw:
         """Tokens from the proposal and their weights. Under the default proposal the weight
         alpha_t lp - lq IS log Z_t, computed in the same pass as the draw (eq. 13)."""
-        a = self.alpha_t
-        if self.proposal is None:
-            inv_tau = a if self.tau is None else 1.0 / self.tau
-            tok, log_norm = sample_tempered(logp, inv_tau, self.gen)
+        if spec is None or (spec.tau is None and spec.proposal is None):
+            if u is None:
+                assert spec is not None
+                u = _uniforms(logp.shape[0], spec.generator)
+            a = alpha_t if isinstance(alpha_t, torch.Tensor) else torch.full(
+                (logp.shape[0],), float(alpha_t), dtype=torch.float64)
+            tok, log_norm = sample_tempered(logp, a.to(logp.device), u.to(logp.device))
             lp = logp.gather(1, tok[:, None]).squeeze(1).double()
-            if self.tau is None:
-                return Draw(tok, lp, log_norm, log_norm)
+            return Draw(tok, lp, log_norm, log_norm)
+        a = float(alpha_t)
+        if spec.proposal is None:
+            inv_tau = 1.0 / spec.tau
+            tok, log_norm = sample_tempered(logp, inv_tau, _uniforms(logp.shape[0],
+                                                                      spec.generator))
+            lp = logp.gather(1, tok[:, None]).squeeze(1).double()
             incr = a * lp - (inv_tau * lp - log_norm)
         else:
-            logq = self.proposal(logp, a)
-            tok, _ = sample_tempered(logq, 1.0, self.gen)
+            logq = spec.proposal(logp, a)
+            tok, _ = sample_tempered(logq, 1.0, _uniforms(logp.shape[0], spec.generator))
             lp = logp.gather(1, tok[:, None]).squeeze(1).double()
             incr = a * lp - logq.gather(1, tok[:, None]).squeeze(1).double()
         return Draw(tok, lp, incr, log_power_normalizer(logp, a))
 
 
-def particle_engine(model: Any, generator: torch.Generator, **proposal: Any) -> ParticleEngine:
+def _uniforms(rows: int, generator: torch.Generator) -> torch.Tensor:
+    """The float64 uniforms of `rows` token draws, from one system's own generator."""
+    return torch.rand(rows, generator=generator, dtype=torch.float64,
+                      device=generator.device)
+
+
+def _cat(draws: Sequence[Draw]) -> Draw:
+    if len(draws) == 1:
+        return draws[0]
+    return Draw(*(torch.cat([getattr(d, f) for d in draws])
+                  for f in ("tokens", "logp", "incr", "log_z")))
+
+
+def particle_engine(model: Any) -> ParticleEngine:
     """The engine the shared loop drives for `model`: its own (`model.particle_engine`, e.g.
-    vLLM) or `LMParticles` over its log-probs. `proposal`: tau, proposal, top_k, top_p."""
+    vLLM) or `LMParticles` over its log-probs."""
     native = getattr(model, "particle_engine", None)
-    return native(generator, **proposal) if native is not None else LMParticles(
-        model, generator, **proposal)
+    return native() if native is not None else LMParticles(model)

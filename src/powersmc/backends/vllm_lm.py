@@ -27,7 +27,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -175,11 +174,11 @@ class VllmLM:
 
     # --- the methods' engines -------------------------------------------------------------
 
-    def particle_engine(self, generator: torch.Generator, **proposal: Any):
-        """Power-SMC's engine on vLLM (`ParticleEngine`)."""
+    def particle_engine(self):
+        """Power-SMC's engine on vLLM (`ParticleEngine`): systems join as new requests."""
         from powersmc.backends.vllm_particles import VllmParticles
 
-        return VllmParticles(self, generator, **proposal)
+        return VllmParticles(self)
 
     def decoder(self):
         """The baselines' sampler on vLLM (`methods.rollout.Decoder`)."""
@@ -189,16 +188,20 @@ class VllmLM:
 
     # --- the request driver ---------------------------------------------------------------
 
-    def group(self, spec: vp.Spec) -> str:
-        """Register a processor spec for a run's requests; drop leftovers of a run that did not
-        finish (an exception, an interrupt), which would otherwise go on decoding."""
-        if self.live:
-            self.abort(list(self.live))
-        for old in self.groups:
-            vp.GROUPS.pop(old, None)
+    def group(self, spec: vp.Spec, *, exclusive: bool = True) -> str:
+        """Register a processor spec for one run's (one particle system's) requests.
+        `exclusive`: first drop leftovers of runs that did not finish (an exception, an
+        interrupt), which would otherwise go on decoding; a scheduler that runs several
+        systems at once registers each without it, and releases them itself."""
+        if exclusive:
+            if self.live:
+                self.abort(list(self.live))
+            for old in self.groups:
+                vp.GROUPS.pop(old, None)
+            self.groups = []
         gid = uuid.uuid4().hex[:12]
         vp.GROUPS[gid] = spec
-        self.groups = [gid]
+        self.groups.append(gid)
         return gid
 
     def release(self, gid: str, requests: Sequence[str]) -> None:

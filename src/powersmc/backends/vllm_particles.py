@@ -1,36 +1,40 @@
 """Power-SMC's `ParticleEngine` on vLLM: every live particle is one running vLLM request.
 
-* `advance` sets the processor's spec for this step (alpha_t, tau), submits the rows that
-  have no running request (re-submission: prompt + the row's tokens as a token prompt; prefix
-  caching recomputes 1 .. `fork_block` tokens of it: only whole KV blocks are cached, and
-  exactly one when the length is 1 mod the block, where `resample_align='block'` puts every
-  resampling), and steps the engine until every live row has
-  produced exactly one token. A row that produced its token while others still wait (the
-  step's token budget was exceeded) is aborted at once and re-submitted at the next `advance`,
-  so no row ever runs ahead.
+* Each particle system is one processor group with its own spec (alpha_t, tau, truncation),
+  and its requests are seeded from its own generator; systems join at any step as new requests
+  and leave by aborting theirs, while vLLM's scheduler batches every request of every system.
+* `advance` sets each group's spec for this step, submits the rows that have no running
+  request (re-submission: prompt + the row's tokens as a token prompt; prefix caching
+  recomputes 1 .. `fork_block` tokens of it: only whole KV blocks are cached, and exactly one
+  when the length is 1 mod the block, where `resample_align='block'` puts every resampling),
+  and steps the engine until every live row has produced exactly one token. A row that
+  produced its token while others still wait (the step's token budget was exceeded) is
+  aborted at once and re-submitted at the next `advance`, so no row ever runs ahead.
 * `reorder` keeps a row's request for its first copy (when its newest token stands), marks
   further copies and replaced tokens for re-submission, and aborts the requests of rows no
-  particle continues (finished particles, dropped lineages): they cost nothing after that.
+  particle continues (finished particles, dropped lineages, systems that left): they cost
+  nothing after that.
 * Weights: the processor's log Z_t (eq. 11) is the incremental weight under the default
   proposal (eq. 8, Theorem 1); with a fixed tau, alpha_t log p~ - log q of the sampled token.
   Draw.logp is the target's log p~ (raw log p minus the truncation's shift).
-* Seeds: each request gets a seed drawn from the run's generator, in row order, so a seeded
-  run reproduces.
-* Fully adapted order: with `start(..., redraws=True)` the processor also draws N - 1 more
-  tokens per row from the same q, with a generator seeded from the run's; `redraw` hands
-  them out (a row copied k times needs k - 1 of them).
+* Seeds: each request gets a seed drawn from its system's generator, in row order, so a seeded
+  system reproduces.
+* Fully adapted order: a system admitted with `redraws` has the processor also draw N - 1
+  more tokens per row from the same q, with a generator seeded from the system's; `redraw`
+  hands them out (a row copied k times needs k - 1 of them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.profiler import record_function
 
 from powersmc.backends import vllm_processor as vp
-from powersmc.backends.particles import Draw
+from powersmc.backends.particles import Draw, DrawSpec
 from powersmc.errors import InputError
 
 
@@ -38,42 +42,58 @@ def _seed(gen: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=gen))
 
 
-class VllmParticles:
-    """Live particles of P prompts x N rows as vLLM requests (see the module docstring)."""
+@dataclass
+class _Group:
+    """One system's processor group: its id, the spec the processor reads, how it draws."""
 
-    def __init__(self, lm: Any, generator: torch.Generator, *, tau: float | None = None,
-                 proposal=None, top_k: int | None = None, top_p: float | None = None) -> None:
-        if proposal is not None:
-            raise InputError("proposal", "None on the vLLM backend (vLLM draws the tokens, from "
-                             "the power proposal or a fixed tau=)", type(proposal).__name__)
-        self.lm, self.gen, self.tau = lm, generator, tau
-        self.spec = vp.Spec(top_k=top_k, top_p=top_p)
+    gid: str
+    spec: vp.Spec
+    draw: DrawSpec
+    rows: int
+
+
+class VllmParticles:
+    """Live particles of several systems as vLLM requests (see the module docstring)."""
+
+    joins_running = True
+
+    def __init__(self, lm: Any) -> None:
+        self.lm = lm
         self.device = torch.device("cpu")
         self.fork_block = lm.block_size  # prefix caching reuses whole KV blocks only
-        self.gid: str | None = None
+        self.groups: list[_Group] = []  # per live system, in row order
         self.seqs: list[list[int]] = []  # per row: prompt + generated tokens
         self.reqs: list[str | None] = []  # per row: its running request, or None
         self.last: list[Any] = []  # per row: what its newest token came with
         self.used: list[int] = []  # per row: extra draws handed out since the last advance
 
-    @property
-    def adaptable(self) -> bool:
-        return self.tau is None
+    def room(self, prompt_len: int, rows: int, budget: int) -> bool:
+        """Always: vLLM's own scheduler queues the requests its KV blocks cannot hold."""
+        return True
 
-    def start(self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int,
-              redraws: bool = False) -> None:
-        self.spec.extra = rows - 1 if redraws else 0
-        self.spec.seed = _seed(self.gen)
-        self.gid = self.lm.group(self.spec)
-        self.seqs = [list(p) for p in prompts for _ in range(rows)]
-        self.reqs = [None] * len(self.seqs)
+    def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int) -> None:
+        if spec.proposal is not None:
+            raise InputError("proposal", "None on the vLLM backend (vLLM draws the tokens, from "
+                             "the power proposal or a fixed tau=)", type(spec.proposal).__name__)
+        vspec = vp.Spec(top_k=spec.top_k, top_p=spec.top_p)
+        vspec.extra = rows - 1 if spec.redraws else 0
+        vspec.seed = _seed(spec.generator)
+        self.groups.append(_Group(self.lm.group(vspec, exclusive=False), vspec, spec, rows))
+        self.seqs += [list(prompt) for _ in range(rows)]
+        self.reqs += [None] * rows
 
-    def advance(self, alpha_t: float) -> Draw:
-        self.spec.alpha = alpha_t
-        self.spec.inv_tau = alpha_t if self.tau is None else 1.0 / self.tau
+    def _row_groups(self) -> list[_Group]:
+        return [g for g in self.groups for _ in range(g.rows)]
+
+    def advance(self, alphas: Sequence[float]) -> Draw:
+        for g, a in zip(self.groups, alphas, strict=True):
+            g.spec.alpha = a
+            g.spec.inv_tau = a if g.draw.tau is None else 1.0 / g.draw.tau
+        row_groups = self._row_groups()
         for i, seq in enumerate(self.seqs):
             if self.reqs[i] is None:
-                self.reqs[i] = self.lm.submit(self.gid, seq, seed=_seed(self.gen))
+                g = row_groups[i]
+                self.reqs[i] = self.lm.submit(g.gid, seq, seed=_seed(g.draw.generator))
         row_of = {r: i for i, r in enumerate(self.reqs)}
         got: list[Any] = [None] * len(self.seqs)
         waiting = len(self.seqs)
@@ -96,31 +116,38 @@ class VllmParticles:
                     self.reqs[i] = None
         self.last = got
         self.used = [0] * len(got)
-        return self._draw([(t.token, t.logp - t.values.shift, t.values) for t in got])
+        return self._draw([(t.token, t.logp - t.values.shift, t.values, g)
+                           for t, g in zip(got, row_groups, strict=True)])
 
     def redraw(self, rows: torch.Tensor) -> Draw:
+        row_groups = self._row_groups()
         picks = []
         for i in rows.tolist():
             v = self.last[i].values
             if self.used[i] >= len(v.extra_tokens):
-                raise InputError("order", "'standard' here: this run was started without "
-                                 "redraws (start(..., redraws=True))")
+                raise InputError("order", "'standard' here: this system was admitted without "
+                                 "redraws")
             k = self.used[i]
             self.used[i] += 1
-            picks.append((v.extra_tokens[k], v.extra_logp[k], v))
+            picks.append((v.extra_tokens[k], v.extra_logp[k], v, row_groups[i]))
         return self._draw(picks)
 
-    def _draw(self, picks: list[tuple[int, float, vp.RowResult]]) -> Draw:
-        a = self.spec.alpha
+    @staticmethod
+    def _draw(picks: list[tuple[int, float, vp.RowResult, _Group]]) -> Draw:
         tokens = torch.tensor([p[0] for p in picks], dtype=torch.long)
         lp = torch.tensor([p[1] for p in picks], dtype=torch.float64)
         log_z = torch.tensor([p[2].log_z for p in picks], dtype=torch.float64)
-        if self.tau is None:
+        if all(p[3].draw.tau is None for p in picks):
             return Draw(tokens, lp, log_z, log_z)
+        a = torch.tensor([p[3].spec.alpha for p in picks], dtype=torch.float64)
+        inv_tau = torch.tensor([p[3].spec.inv_tau for p in picks], dtype=torch.float64)
         log_norm = torch.tensor([p[2].log_norm for p in picks], dtype=torch.float64)
-        return Draw(tokens, lp, a * lp - (self.spec.inv_tau * lp - log_norm), log_z)
+        incr = a * lp - (inv_tau * lp - log_norm)
+        default = torch.tensor([p[3].draw.tau is None for p in picks])
+        return Draw(tokens, lp, torch.where(default, log_z, incr), log_z)
 
-    def reorder(self, index: torch.Tensor, last: torch.Tensor | None = None) -> None:
+    def reorder(self, index: torch.Tensor, counts: Sequence[int],
+                last: torch.Tensor | None = None) -> None:
         idx = index.tolist()
         new_last = None if last is None else last.tolist()
         seqs, reqs, kept = [], [], set()
@@ -136,8 +163,17 @@ class VllmParticles:
                 reqs.append(None)
         self.lm.abort([r for i, r in enumerate(self.reqs) if r is not None and i not in kept])
         self.seqs, self.reqs = seqs, reqs
+        groups = []
+        for g, c in zip(self.groups, counts, strict=True):
+            if c > 0:
+                g.rows = int(c)
+                groups.append(g)
+            else:
+                self.lm.release(g.gid, [])
+        self.groups = groups
 
     def close(self) -> None:
-        if self.gid is not None:
-            self.lm.release(self.gid, [r for r in self.reqs if r is not None])
-        self.gid, self.seqs, self.reqs, self.last = None, [], [], []
+        for g in self.groups:
+            self.lm.release(g.gid, [])
+        self.lm.abort([r for r in self.reqs if r is not None])
+        self.groups, self.seqs, self.reqs, self.last = [], [], [], []

@@ -132,12 +132,12 @@ def _paired_table(rows: list[dict]) -> list[str]:
 
 
 def _batch_note(results: list[dict]) -> list[str]:
-    sizes = [len(r["batch_problems"]) for r in results if "batch_problems" in r]
+    sizes = [r["in_flight"] for r in results if "in_flight" in r]
     if not sizes:
         return []
-    return [f"Power-SMC ran up to {max(sizes)} problems per batch (`--batch-prompts`): its "
-            "seconds are the batch's divided by its problems, a throughput figure, not "
-            "single-answer latency.", ""]
+    return [f"Power-SMC ran up to {max(sizes)} problems at once in one continuously batched "
+            "scheduler (`--batch-prompts`): its seconds are each answer's own time from "
+            "admission to answer, spent sharing every forward pass with the others.", ""]
 
 
 def _unresolved_failures(out: Path, results: list[dict]) -> list[dict]:

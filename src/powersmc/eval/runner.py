@@ -19,7 +19,7 @@ from powersmc.eval.data import Problem
 from powersmc.eval.labels import model_label
 from powersmc.eval.ray_pool import WorkerPool
 from powersmc.eval.store import CONFIG, RunLog
-from powersmc.eval.units import Settings, plan, run_unit
+from powersmc.eval.units import Settings, plan, run_stream, run_unit
 from powersmc.methods.registry import check_method
 from powersmc.models import DEFAULT_MODEL_NAME, ModelSpec
 
@@ -96,7 +96,11 @@ def run_eval(
                 pool.run(units, settings, log)
         elif units:
             lm = model.build() if isinstance(model, ModelSpec) else model
+            batched = [u for u in units if u.batched]
+            if batched:  # P systems in flight across all of them, rows written as they finish
+                run_stream(lm, batched, settings, batch_prompts, log.write)
             for unit in units:
-                for row in run_unit(lm, unit, settings):
-                    log.write(row)
+                if not unit.batched:
+                    for row in run_unit(lm, unit, settings):
+                        log.write(row)
         return log.results

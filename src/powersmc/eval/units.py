@@ -1,16 +1,18 @@
 """Work units of an evaluation: what runs, with which seed, and the graded rows each yields.
 
-A unit is one (problem, method, seed), or with `batch_prompts` = P > 1 one Power-SMC batch of
-up to P problems for a seed. The unit list is the same whoever runs it (in process or on Ray
-workers) and every unit derives its own seed, so its rows do not depend on which worker ran
-it or when (up to the timing fields `seconds`, `batch_seconds` and `peak_memory_mb`).
+A unit is one (problem, method, seed), or with `batch_prompts` = P > 1 the Power-SMC runs of
+up to P problems for a seed, run through one `Scheduler`. The unit list is the same whoever
+runs it (in process or on Ray workers) and every (problem, seed) derives its own seed, so its
+rows do not depend on which worker ran it, when, or beside which problems (up to the timing
+fields `seconds` and `peak_memory_mb`, and on real backends the last float bits of a batched
+forward pass).
 
 The methods run side by side on each problem with the same derived seed, so per-problem
-latency ratios compare the same work on the same machine state. A batch records its
-wall-clock and, as `seconds`, that time divided by its problems (throughput, not
-single-answer latency); its seed is derived from its first problem, so a resumed run may
-batch, and hence sample, differently from an uninterrupted one; every result is still an
-exact Power-SMC draw.
+latency ratios compare the same work on the same machine state. In process, `run_stream`
+keeps P Power-SMC systems in flight across all batched units (the next problem joins the
+running batch as soon as one finishes, and each row is written when its system finishes);
+a batched row's `seconds` is its own system's time from admission to answer, spent beside
+up to P - 1 others.
 
 Results with weighted particles (Power-SMC, best-of-N) are graded twice: the drawn answer (the
 paper's output: `answer`, `correct`) and the weighted vote over all particles, answers pooled
@@ -24,7 +26,8 @@ import resource
 import sys
 import time
 import zlib
-from collections.abc import Container
+from collections import deque
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +37,8 @@ from powersmc.backends.protocol import LanguageModel
 from powersmc.eval.grading import answer_key, grade
 from powersmc.eval.problem import Problem
 from powersmc.eval.prompts import render
-from powersmc.methods.registry import run_method, run_smc_many
+from powersmc.methods.registry import run_method, smc_options
+from powersmc.methods.scheduler import Handle, Scheduler
 from powersmc.methods.selection import normalized, weighted_vote
 
 Key = tuple[str, str, int]  # (problem id, method, seed): one result row
@@ -95,23 +99,46 @@ def plan(problems: list[Problem], methods: list[str], seeds: list[int], template
 
 def run_unit(model: LanguageModel, unit: Unit, settings: Settings) -> list[dict]:
     """Run one unit on `model`; its result rows, graded."""
+    if unit.batched:
+        rows: list[dict] = []
+        run_stream(model, [unit], settings, len(unit.problems), rows.append)
+        return rows
     _reset_peak_memory(model.device)
     run_seed = derived_seed(unit.seed, unit.problems[0].id)
-    kw = dict(alpha=settings.alpha, max_new_tokens=settings.max_new_tokens, seed=run_seed,
-              **settings.options)
     start = time.perf_counter()
-    if not unit.batched:
-        res = run_method(unit.method, model, unit.prompts[0], **kw)
-        wall = time.perf_counter() - start
-        return [_record(model, unit.problems[0], unit.method, unit.seed, run_seed, res, wall)]
-    out = run_smc_many(model, list(unit.prompts), **kw)
+    res = run_method(unit.method, model, unit.prompts[0], alpha=settings.alpha,
+                     max_new_tokens=settings.max_new_tokens, seed=run_seed, **settings.options)
     wall = time.perf_counter() - start
-    ids = [p.id for p in unit.problems]
-    return [
-        {**_record(model, p, unit.method, unit.seed, run_seed, res, wall / len(ids)),
-         "batch_seconds": wall, "batch_problems": ids}
-        for p, res in zip(unit.problems, out, strict=True)
-    ]
+    return [_record(model, unit.problems[0], unit.method, unit.seed, run_seed, res, wall)]
+
+
+def run_stream(model: LanguageModel, units: list[Unit], settings: Settings, in_flight: int,
+               write: Callable[[dict], None]) -> None:
+    """The batched units' Power-SMC runs through one `Scheduler`, `in_flight` systems at a
+    time: a problem joins the running batch as soon as another finishes, and `write` gets its
+    graded row at once (so a killed run loses at most the systems in flight)."""
+    _reset_peak_memory(model.device)
+    todo = deque((u, p, prompt) for u in units
+                 for p, prompt in zip(u.problems, u.prompts, strict=True))
+    opts = smc_options(settings.options)
+    sched = Scheduler(model)
+    live: dict[Handle, tuple[Unit, Problem, int]] = {}
+    try:
+        while todo or live:
+            while todo and len(live) < in_flight:
+                unit, problem, prompt = todo.popleft()
+                run_seed = derived_seed(unit.seed, problem.id)
+                handle = sched.submit(prompt, seed=run_seed, alpha=settings.alpha,
+                                      max_new_tokens=settings.max_new_tokens, **opts)
+                live[handle] = (unit, problem, run_seed)
+            sched.step()
+            for handle in [h for h in live if h.done]:
+                unit, problem, run_seed = live.pop(handle)
+                res = handle.result()
+                write({**_record(model, problem, unit.method, unit.seed, run_seed, res,
+                                 res.cost.seconds), "in_flight": in_flight})
+    finally:
+        sched.close()
 
 
 def _record(model, problem, method, seed, run_seed, res, seconds) -> dict:

@@ -83,11 +83,9 @@ def run_method(name: str, model: LanguageModel, prompt: Prompt, *, alpha: float,
     return fn(model, prompt, alpha=alpha, max_new_tokens=max_new_tokens, seed=seed, **kw)
 
 
-def run_smc_many(model: LanguageModel, prompts: list[Prompt], *, alpha: float,
-                 max_new_tokens: int, seed: int | None, **options: Any) -> list[SampleResult]:
-    """Power-SMC on several prompts in one batch (`smc_sample_many`), same option filtering."""
-    return smc_sample_many(model, prompts, alpha=alpha, max_new_tokens=max_new_tokens,
-                           seed=seed, **_accepted("smc", options))
+def smc_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options Power-SMC takes, for `Scheduler.submit` (same filtering as `run_method`)."""
+    return {k: v for k, v in _accepted("smc", options).items() if k != "progress"}
 
 
 def _accepted(name: str, options: dict[str, Any]) -> dict[str, Any]:
