@@ -182,7 +182,7 @@ class VllmLM:
         return VllmParticles(self, generator, **proposal)
 
     def decoder(self):
-        """The baselines' sampler on vLLM (`methods.rollout.Decoder`)."""
+        """The baselines' sampler on vLLM (`backends.decoder.Decoder`)."""
         from powersmc.backends.vllm_decoder import VllmDecoder
 
         return VllmDecoder(self)
