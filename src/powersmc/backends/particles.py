@@ -122,14 +122,16 @@ class LMParticles:
                 self.logp = self._target(self.model.step(self.state, self.pending))
         self.alpha_t = alpha_t
         with record_function("powersmc.sample"):
-            draw = self._draw(self.logp)
+            draw = self._draw(self._current("advance"))
         self.pending = draw.tokens
         return draw
 
     def redraw(self, rows: torch.Tensor) -> Draw:
-        return self._draw(self.logp[rows])
+        return self._draw(self._current("redraw")[rows])
 
     def reorder(self, index: torch.Tensor, last: torch.Tensor | None = None) -> None:
+        if self.pending is None:
+            raise RuntimeError("LMParticles.reorder before the first advance")
         n = self.pending.shape[0]
         if index.shape[0] != n or not torch.equal(index, torch.arange(n, device=index.device)):
             self.model.reorder(self.state, index)
@@ -140,6 +142,13 @@ class LMParticles:
 
     def close(self) -> None:
         self.state = self.logp = self.pending = None
+
+    def _current(self, caller: str) -> torch.Tensor:
+        """The rows' next-token log p (computed by `start` or `advance`; a reorder drops it)."""
+        if self.logp is None:
+            raise RuntimeError(f"LMParticles.{caller}: no log-probs (start first; after a "
+                               "reorder, advance)")
+        return self.logp
 
     def _target(self, logp: torch.Tensor) -> torch.Tensor:
         return truncate_logprobs(logp, self.top_k, self.top_p) if self.truncating else logp

@@ -8,7 +8,7 @@ does not take are ignored, so one option set can drive a whole comparison.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from powersmc.backends.protocol import LanguageModel, Prompt
@@ -18,7 +18,7 @@ from powersmc.methods.decoding import sample
 from powersmc.methods.mh import mh_sample
 from powersmc.methods.smc import smc_sample, smc_sample_many
 from powersmc.methods.spower import scalable_power_sample
-from powersmc.results import SampleResult
+from powersmc.results import SampleResult, SMCResult
 
 
 def _plain(model, prompt, *, alpha, **kw):
@@ -62,8 +62,9 @@ METHODS: dict[str, Callable[..., SampleResult]] = {
     "bon": _bon,
 }
 # Where each method's keyword arguments are declared, when its entry point only forwards them.
-_TARGETS = {"plain": sample, "lowtemp": sample, "greedy": sample, "mh-faithful": mh_sample,
-            "smc": smc_sample_many, "smc-adapted": smc_sample_many}
+_TARGETS: dict[str, Callable[..., Any]] = {
+    "plain": sample, "lowtemp": sample, "greedy": sample, "mh-faithful": mh_sample,
+    "smc": smc_sample_many, "smc-adapted": smc_sample_many}
 _DECODING = ("temperature", "greedy")
 _FIXED = {"plain": _DECODING, "lowtemp": _DECODING, "greedy": _DECODING,  # set by the wrappers
           "mh-faithful": ("mode",), "smc-adapted": ("order",)}
@@ -83,8 +84,8 @@ def run_method(name: str, model: LanguageModel, prompt: Prompt, *, alpha: float,
     return fn(model, prompt, alpha=alpha, max_new_tokens=max_new_tokens, seed=seed, **kw)
 
 
-def run_smc_many(model: LanguageModel, prompts: list[Prompt], *, alpha: float,
-                 max_new_tokens: int, seed: int | None, **options: Any) -> list[SampleResult]:
+def run_smc_many(model: LanguageModel, prompts: Sequence[Prompt], *, alpha: float,
+                 max_new_tokens: int, seed: int | None, **options: Any) -> list[SMCResult]:
     """Power-SMC on several prompts in one batch (`smc_sample_many`), same option filtering."""
     return smc_sample_many(model, prompts, alpha=alpha, max_new_tokens=max_new_tokens,
                            seed=seed, **_accepted("smc", options))

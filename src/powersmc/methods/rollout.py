@@ -45,6 +45,8 @@ class LMDecoder:
                source: Any = None, consume: bool = False, greedy: bool = False) -> Rollout:
         m = self.model
         if not prefix:
+            if self.root_logp is None:
+                raise RuntimeError("LMDecoder.sample before start")
             state = self.root if consume else m.fork(self.root)
             logp = self.root_logp
         else:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -175,7 +176,7 @@ def smc_sample_many(
                          "needs the default proposal, whose weight depends on the prefix only)",
                          order)
 
-    align = engine.fork_block if resample_align == "block" else resample_align
+    align = engine.fork_block if isinstance(resample_align, str) else resample_align  # "block"
 
     # as many whole particle systems per batch as the engine holds rows (llama.cpp: 255);
     # the rest run after them on the same generator, each system still an exact run
@@ -198,7 +199,7 @@ def _systems(model: LanguageModel, engine: ParticleEngine, prompt_ids: list[list
              progress: bool) -> list[SMCResult]:
     """Algorithm 1 on P independent particle systems of n particles in one batch."""
     dev, P = model.device, len(prompt_ids)
-    f64 = dict(dtype=torch.float64, device=dev)
+    f64: dict[str, Any] = dict(dtype=torch.float64, device=dev)
     start = time.perf_counter()
     engine.start(prompt_ids, n, budget=P * n * T, redraws=adapted)
     forward_passes = 1  # the prefill

@@ -148,7 +148,7 @@ def _method_options(req, cfg: ServerConfig, method: str) -> dict[str, Any]:
 def _prompts(req: CompletionRequest) -> list[Any]:
     p = req.prompt
     if isinstance(p, str):
-        prompts = [p]
+        prompts: list[Any] = [p]
     elif p and all(isinstance(x, int) for x in p):
         prompts = [list(p)]
     else:
