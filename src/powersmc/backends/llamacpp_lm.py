@@ -362,7 +362,9 @@ class LlamaCppLM:
         eos = self.ll.llama_vocab_eos(self.vocab)
         fmt = Jinja2ChatFormatter(self.template, eos_token=self._token_text(eos) if eos >= 0
                                   else "", bos_token=self._token_text(bos) if bos >= 0 else "")
-        return self._tokenize(fmt(messages=list(messages)).prompt, add_special=False)
+        # plain {"role", "content"} dicts: the stub asks for its own TypedDicts of them
+        text = fmt(messages=list(messages)).prompt  # type: ignore[arg-type]
+        return self._tokenize(text, add_special=False)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         ids = [int(i) for i in token_ids if int(i) not in self.eos_token_ids]
@@ -431,8 +433,8 @@ class LlamaCppLM:
         # a batch holding several tokens of several sequences gave wrong logits on llama.cpp
         # 0.3.36 (measured; tests/test_llamacpp_backend.py), one sequence per batch does not.
         b = self._batch
-        for p, (ids, seq) in enumerate(zip(prompts, first.tolist(), strict=True)):
-            ids = np.asarray(ids, dtype=np.int32)
+        for p, (prompt, seq) in enumerate(zip(prompts, first.tolist(), strict=True)):
+            ids = np.asarray(prompt, dtype=np.int32)
             for lo in range(0, ids.size, chunk):
                 n = min(chunk, ids.size - lo)
                 b.token[:n], b.pos[:n] = ids[lo : lo + n], np.arange(lo, lo + n)
