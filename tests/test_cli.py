@@ -1,15 +1,28 @@
-"""CLI contract: bad input exits 2 with one line naming the argument, and no traceback."""
+"""CLI contract: bad input exits 2 with one line naming the argument, and no traceback;
+stdout is the result (with --json exactly one JSON document), stderr the log."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+import powersmc
 
-def _cli(*args, env=None):
+QUICK = ("--prompt", "What is 2 + 3?", "--particles", "2", "--max-new-tokens", "4", "--seed",
+         "0", "--no-progress")
+
+
+def _cli(*args, env=None, timeout=120):
     return subprocess.run([sys.executable, "-m", "powersmc", *args], capture_output=True,
-                          text=True, timeout=120, env=env)
+                          text=True, timeout=timeout, env=env)
+
+
+def _json_stdout(r):
+    """The whole of stdout parsed as one JSON document (not its last line)."""
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -60,3 +73,58 @@ def test_workers_without_ray_names_the_extra(tmp_path):
     assert r.stderr.strip() == ("powersmc eval: error: --workers: Ray, which is not installed: "
                                 "pip install 'powersmc[ray]'")
     assert not (tmp_path / "x").exists()
+
+
+def test_version():
+    r = _cli("--version")
+    assert r.returncode == 0 and r.stdout == f"powersmc {powersmc.__version__}\n"
+
+
+def test_result_stream_sends_everything_else_on_stdout_to_stderr():
+    """While a command runs, prints, loggers bound to sys.stdout and C-level writes to fd 1
+    reach stderr; only what the command writes to its result stream reaches stdout."""
+    code = """if True:
+        import logging, os, sys
+        from powersmc.cli import result_stream
+        with result_stream() as out:
+            print("a print")
+            logging.basicConfig(stream=sys.stdout, level=logging.INFO, force=True)
+            logging.getLogger("lib").info("a logger")
+            os.write(1, b"a C library\\n")
+            out.write('{"result": 1}\\n')
+        print("after")
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == '{"result": 1}\nafter\n'
+    assert all(s in r.stderr for s in ("a print", "a logger", "a C library"))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("backend", ["llama.cpp", "transformers"])
+def test_sample_json_is_the_whole_of_stdout(backend):
+    doc = _json_stdout(_cli("sample", "--backend", backend, *QUICK, "--json", timeout=300))
+    assert doc["method"] == "smc" and isinstance(doc["text"], str)
+
+
+@pytest.mark.model
+def test_log_level_debug_brings_llama_cpp_log_back_on_stderr():
+    r = _cli("--log-level", "debug", "sample", "--backend", "llama.cpp", *QUICK, "--json",
+             timeout=300)
+    assert _json_stdout(r)["method"] == "smc"
+    assert "powersmc.llama_cpp" in r.stderr and "llama_model_loader" in r.stderr
+    quiet = _cli("sample", "--backend", "llama.cpp", *QUICK, "--json", timeout=300)
+    assert "llama_model_loader" not in quiet.stderr
+
+
+@pytest.mark.model
+def test_eval_and_report_json_is_the_whole_of_stdout(tmp_path):
+    out = str(tmp_path / "run")
+    doc = _json_stdout(_cli("eval", "--dataset", "builtin", "--limit", "1", "--methods",
+                            "greedy", "--max-new-tokens", "2", "--no-progress", "--json",
+                            "--out", out, timeout=300))
+    assert [r["method"] for r in doc["summary"]] == ["greedy"] and doc["workers"] is None
+    assert _json_stdout(_cli("report", out, "--json")) == {"summary": doc["summary"]}
+    text = _cli("report", out)
+    assert text.returncode == 0 and "| greedy |" in text.stdout

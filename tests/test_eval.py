@@ -143,40 +143,6 @@ def test_resume_with_other_settings_is_refused(tmp_path):
                  max_new_tokens=4, progress=False)
 
 
-def test_package_imports_have_no_cycle():
-    """Dependencies point one way: no module of the package imports (even lazily, inside a
-    function) a module that imports it back, directly or through others."""
-    import ast
-
-    root = Path(__file__).parent.parent / "src" / "powersmc"
-    graph = {}
-    for path in root.rglob("*.py"):
-        name = ".".join(("powersmc", *path.relative_to(root).with_suffix("").parts))
-        name = name.removesuffix(".__init__")
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
-                    "powersmc"):
-                deps.add(node.module)
-            elif isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names if a.name.startswith("powersmc")}
-        graph[name] = {d for d in deps if d != "powersmc"}
-    state = {}
-
-    def visit(node, stack):
-        if state.get(node) == "done" or node not in graph:
-            return
-        assert state.get(node) != "open", "import cycle: " + " -> ".join([*stack, node])
-        state[node] = "open"
-        for dep in sorted(graph[node]):
-            visit(dep, [*stack, node])
-        state[node] = "done"
-
-    for node in sorted(graph):
-        visit(node, [])
-    assert "powersmc.eval.data" in graph["powersmc.eval.runner"]
-
-
 def test_exact_mcnemar_and_paired_bootstrap():
     from powersmc.eval.paired import binomial_two_sided, compare, latency_ratios, mcnemar
 

@@ -134,12 +134,15 @@ def test_cli_eval_on_two_workers_writes_the_rows_of_one_process(tmp_path):
             "--no-progress"]
     here = subprocess.run([*args, "--out", str(tmp_path / "here")], capture_output=True,
                           text=True, timeout=300)
-    two = subprocess.run([*args, "--workers", "2", "--out", str(tmp_path / "two")],
+    two = subprocess.run([*args, "--workers", "2", "--json", "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=300)
     assert here.returncode == 0 and two.returncode == 0, two.stderr
     assert rows(read_results(tmp_path / "two" / "results.jsonl")) == rows(
         read_results(tmp_path / "here" / "results.jsonl"))
-    assert "all workers: 4 answers" in two.stdout and "| greedy |" in two.stdout
+    assert "| greedy |" in here.stdout
+    doc = json.loads(two.stdout)  # the whole of stdout: Ray's log is on stderr
+    assert doc["workers"]["answers"] == 4 and len(doc["workers"]["workers"]) == 2
+    assert [r["method"] for r in doc["summary"]] == ["greedy", "plain"]
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config == json.loads((tmp_path / "here" / "config.json").read_text())
 

@@ -288,12 +288,12 @@ def test_cli_sample_and_eval_resume_after_kill(vllm_lm, hf_lm, tmp_path):
                               "--json", "--no-progress"),
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.splitlines()[-1])["method"] == "smc"
+    assert json.loads(out.stdout)["method"] == "smc"  # the whole of stdout: vLLM logs on stderr
 
     methods = "plain,greedy,smc,mh,bon"
     args = _cli("eval", "--dataset", "builtin", "--limit", "2", "--methods", methods,
                 "--backend", "vllm", "--max-new-tokens", "4", "--particles", "2",
-                "--mh-blocks", "1", "--mh-moves", "1", "--no-progress", "--out",
+                "--mh-blocks", "1", "--mh-moves", "1", "--no-progress", "--json", "--out",
                 str(tmp_path / "run"))
     proc = subprocess.Popen(args, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -309,6 +309,8 @@ def test_cli_sample_and_eval_resume_after_kill(vllm_lm, hf_lm, tmp_path):
     assert 2 <= len(partial) < 10
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)["summary"]
+    assert {r["method"] for r in summary} >= set(methods.split(","))
     got = read_results(path)
     keys = [(r["problem_id"], r["method"], r["seed"]) for r in got]
     assert len(keys) == len(set(keys)) == 10

@@ -1,24 +1,30 @@
 """Command line: `powersmc sample | eval | report | bench | serve`.
 
 Bad input exits with code 2 and one line on stderr naming the argument, never a traceback.
+stdout is the result (with --json: exactly one JSON document), stderr the log: whatever else
+writes to stdout while a command runs (a library's logger, a C extension) goes to stderr, and
+third-party logs are at `--log-level` (default warning).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
 from powersmc.errors import InputError, WorkerError
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit code 2
+    def error(self, message: str) -> NoReturn:  # one line, exit code 2
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -93,7 +99,13 @@ def method_options(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from powersmc import __version__
+
     parser = _Parser(prog="powersmc", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", default=None, choices=LOG_LEVELS,
+                        help="level of the log on stderr, third-party libraries' included "
+                        "(vLLM, llama.cpp, Ray, Transformers; default: warning)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("sample", help="sample one answer for a prompt")
@@ -130,11 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ray-address", default=None,
                    help="with --workers: join this Ray cluster (default: start a local one)")
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--json", action="store_true",
+                   help="print the summary (summary.json) and the workers' throughput as JSON")
     _model_args(e)
     _sampling_args(e)
 
     r = sub.add_parser("report", help="Table 1 and a plot from a run directory")
     r.add_argument("dir", metavar="DIR")
+    r.add_argument("--json", action="store_true", help="print the summary (summary.json) as JSON")
 
     b = sub.add_parser("bench", help="Sec. 6 measured: s(b), SMC overhead, MH vs SMC, profile")
     b.add_argument("--prompt", default="Explain why the sky is blue.")
@@ -149,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mh-blocks", type=int, default=4)
     b.add_argument("--mh-moves", type=int, default=2)
     b.add_argument("--out", default="bench-out")
+    b.add_argument("--json", action="store_true", help="print the measurements (bench.json)")
     _model_args(b)
 
     from powersmc.server.run import add_arguments as _serve_args
@@ -210,7 +226,7 @@ def _check_sampling(args: argparse.Namespace) -> None:
     check_method(args.method)
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+def cmd_sample(args: argparse.Namespace, out: TextIO) -> int:
     from powersmc.methods.registry import run_method
     from powersmc.methods.selection import check_select
 
@@ -224,10 +240,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     result = run_method(args.method, lm, prompt, alpha=args.alpha,
                         max_new_tokens=args.max_new_tokens, seed=args.seed, **opts)
     if args.json:
-        json.dump(result.to_dict(), sys.stdout)
-        sys.stdout.write("\n")
+        _print_json(out, result.to_dict())
     else:
-        print(result.text)
+        print(result.text, file=out)
     return 0
 
 
@@ -238,7 +253,7 @@ def _int_list(name: str, text: str) -> list[int]:
         raise InputError(name, "comma-separated integers", text) from None
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(args: argparse.Namespace, out: TextIO) -> int:
     from powersmc.eval.builtin import BUILTIN_SETS
     from powersmc.eval.data import load_problems
     from powersmc.eval.labels import model_label
@@ -281,21 +296,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                "backend": info["backend"],
                                "subset": args.subset, "limit": args.limit},
                  progress=not args.no_progress, batch_prompts=args.batch_prompts)
-        throughput = None if args.workers is None else model.summary()
-    print(report(args.out))
-    if throughput:
-        print(throughput)
+        pool = None if args.workers is None else model
+    text = report(args.out)
+    if args.json:
+        _print_json(out, {"summary": _summary(args.out),
+                          "workers": pool.stats if pool is not None else None})
+        return 0
+    print(text, file=out)
+    if pool is not None:
+        print(pool.summary(), file=out)
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def _summary(out_dir: str | Path) -> Any:
+    """The summary `report` wrote into a run directory."""
+    return json.loads((Path(out_dir) / "summary.json").read_text())
+
+
+def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
     from powersmc.eval.report import report
 
-    print(report(args.dir))
+    text = report(args.dir)
+    if args.json:
+        _print_json(out, {"summary": _summary(args.dir)})
+    else:
+        print(text, file=out)
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     from powersmc.bench import OTHER_PROMPTS, run_bench
     from powersmc.methods import common
 
@@ -324,16 +353,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         lms.append(_load(args))
         load[backend_of(lms[-1])] = time.perf_counter() - start
     lm, others = lms[0], {backend_of(x): x for x in lms[1:]}
-    run_bench(lm, args.prompt, particles=args.particles, tokens=args.tokens, alpha=args.alpha,
-              repeats=args.repeats, batches=batches, mh_tokens=args.mh_tokens,
-              mh_blocks=args.mh_blocks, mh_moves=args.mh_moves, out_dir=args.out,
-              prompts=args.prompts, others=others, name=backend_of(lm), load_seconds=load,
-              progress=lambda m: print(m, file=sys.stderr))
-    print((Path(args.out) / "bench.md").read_text())
+    result = run_bench(lm, args.prompt, particles=args.particles, tokens=args.tokens,
+                       alpha=args.alpha, repeats=args.repeats, batches=batches,
+                       mh_tokens=args.mh_tokens, mh_blocks=args.mh_blocks,
+                       mh_moves=args.mh_moves, out_dir=args.out, prompts=args.prompts,
+                       others=others, name=backend_of(lm), load_seconds=load,
+                       progress=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        _print_json(out, result)
+    else:
+        print((Path(args.out) / "bench.md").read_text(), file=out)
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     from powersmc.server.run import serve
 
     _check_sampling(args)
@@ -342,12 +375,74 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 COMMANDS = {"sample": cmd_sample, "eval": cmd_eval, "report": cmd_report, "bench": cmd_bench,
             "serve": cmd_serve}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _print_json(out: TextIO, obj: Any) -> None:
+    json.dump(obj, out)
+    out.write("\n")
+
+
+def set_log_level(level: str | None) -> None:
+    """Python logging (root logger, on stderr) and the libraries that configure their own
+    logging at import (vLLM, Transformers) at `level`; None: warning, unless their own
+    environment variables say otherwise. llama.cpp's log reaches the `powersmc.llama_cpp`
+    logger at debug; Ray's follows the root logger's level."""
+    name = (level or "warning").upper()
+    logging.basicConfig(level=name, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(name)
+    for var in ("VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY"):
+        if level is not None:
+            os.environ[var] = name if var.startswith("VLLM") else level
+        else:
+            os.environ.setdefault(var, name if var.startswith("VLLM") else "warning")
+    if "transformers" in sys.modules:  # imported before this call: set it directly too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(getattr(logging, os.environ["TRANSFORMERS_VERBOSITY"].upper()))
+
+
+@contextmanager
+def result_stream() -> Iterator[TextIO]:
+    """The stream a command writes its result to (the process's stdout). While the command
+    runs, everything else written to stdout goes to stderr: at the file-descriptor level when
+    sys.stdout is fd 1 (so C extensions and loggers bound to sys.stdout are caught too: vLLM's
+    engine logs there), else (stdout replaced, as under a test's capture) at the Python level."""
+    out = sys.stdout
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        fd = None
+    if fd != 1:
+        sys.stdout = sys.stderr
+        try:
+            yield out
+        finally:
+            sys.stdout = out
+        return
+    out.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    result = open(saved, "w", encoding=out.encoding, errors=out.errors, closefd=False)
+    try:
+        yield result
+    finally:
+        result.flush()
+        out.flush()
+        os.dup2(saved, 1)
+        result.close()
+        os.close(saved)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_log_level(args.log_level)
     try:
-        return COMMANDS[args.command](args)
+        if args.command == "serve":  # long-running; its log is uvicorn's (stderr)
+            return cmd_serve(args, sys.stdout)
+        with result_stream() as out:
+            return COMMANDS[args.command](args, out)
     except InputError as exc:
         print(f"powersmc {args.command}: error: {exc}", file=sys.stderr)
         return 2

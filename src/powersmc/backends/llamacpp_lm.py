@@ -21,12 +21,14 @@ discarded proposals free their cells. The context is sized from the prefill's `b
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,17 +56,25 @@ def _lib():
 _LOG_TAIL: list[str] = []
 
 
+_LOG = logging.getLogger("powersmc.llama_cpp")
+_LOG_CALLBACK: list[Any] = []  # the installed callback: the C side holds a raw pointer to it
+
+
 def _quiet_logs(ll) -> None:
-    """Route llama.cpp's logging into a short buffer (kept for error messages), not stderr."""
-    if getattr(_quiet_logs, "callback", None) is not None:
+    """Route llama.cpp's logging into a short buffer (kept for error messages), not stderr;
+    also to the `powersmc.llama_cpp` logger at debug (`powersmc --log-level debug`)."""
+    if _LOG_CALLBACK:
         return
 
     @ll.llama_log_callback
     def callback(level, text, user_data):
-        _LOG_TAIL.append(text.decode("utf-8", "replace"))
+        line = text.decode("utf-8", "replace")
+        _LOG_TAIL.append(line)
         del _LOG_TAIL[:-20]
+        if _LOG.isEnabledFor(logging.DEBUG) and line.strip():
+            _LOG.debug(line.rstrip())
 
-    _quiet_logs.callback = callback  # keep a reference: the C side holds a raw pointer
+    _LOG_CALLBACK.append(callback)
     ll.llama_log_set(callback, ctypes.c_void_p(0))
 
 
@@ -352,7 +362,9 @@ class LlamaCppLM:
         eos = self.ll.llama_vocab_eos(self.vocab)
         fmt = Jinja2ChatFormatter(self.template, eos_token=self._token_text(eos) if eos >= 0
                                   else "", bos_token=self._token_text(bos) if bos >= 0 else "")
-        return self._tokenize(fmt(messages=list(messages)).prompt, add_special=False)
+        # plain {"role", "content"} dicts: the stub asks for its own TypedDicts of them
+        text = fmt(messages=list(messages)).prompt  # type: ignore[arg-type]
+        return self._tokenize(text, add_special=False)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         ids = [int(i) for i in token_ids if int(i) not in self.eos_token_ids]
@@ -428,8 +440,8 @@ class LlamaCppLM:
         # a batch holding several tokens of several sequences gave wrong logits on llama.cpp
         # 0.3.36 (measured; tests/test_llamacpp_backend.py), one sequence per batch does not.
         b = self._batch
-        for p, (ids, seq) in enumerate(zip(prompts, first.tolist(), strict=True)):
-            ids = np.asarray(ids, dtype=np.int32)
+        for p, (prompt, seq) in enumerate(zip(prompts, first.tolist(), strict=True)):
+            ids = np.asarray(prompt, dtype=np.int32)
             for lo in range(0, ids.size, chunk):
                 n = min(chunk, ids.size - lo)
                 b.token[:n], b.pos[:n] = ids[lo : lo + n], np.arange(lo, lo + n)

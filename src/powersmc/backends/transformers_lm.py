@@ -109,19 +109,19 @@ class TransformersLM:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[i, width - len(p):] = 1
-        ids, pad = ids.to(self.device), None
-        if bool(mask.all()):  # no padding: no mask, one position per step
-            mask = None
-        else:
-            mask = mask.to(self.device)
-            pad = width - mask.sum(1)
+        ids = ids.to(self.device)
+        attn: torch.Tensor | None = None  # no padding: no mask, one position per step
+        pad: torch.Tensor | None = None
+        if not bool(mask.all()):
+            attn = mask.to(self.device)
+            pad = width - attn.sum(1)
         cache = DynamicCache(config=self.model.config)
-        logp = self._forward(ids, cache, 0, mask, pad)
+        logp = self._forward(ids, cache, 0, attn, pad)
         if rows != 1:
             cache.batch_repeat_interleave(rows)
-        if mask is not None:
-            mask, pad = mask.repeat_interleave(rows, 0), pad.repeat_interleave(rows, 0)
-        state = HFState(cache, width, width, len(prompts) * rows, mask, pad)
+        if attn is not None and pad is not None:
+            attn, pad = attn.repeat_interleave(rows, 0), pad.repeat_interleave(rows, 0)
+        state = HFState(cache, width, width, len(prompts) * rows, attn, pad)
         return state, logp.repeat_interleave(rows, 0)
 
     @torch.inference_mode()
@@ -138,7 +138,7 @@ class TransformersLM:
         index = index.to(self.device)
         state.cache = reorder_cache(self.model, state.cache, index)
         state.rows = index.numel()
-        if state.mask is not None:
+        if state.mask is not None and state.pad is not None:
             state.mask, state.pad = state.mask[index], state.pad[index]
 
     @torch.inference_mode()

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from powersmc.backends import vllm_processor as vp
-from powersmc.methods.rollout import Rollout, TemperatureRule
+from powersmc.backends.decoder import Rollout, TemperatureRule
 from powersmc.results import Cost
 
 
 class VllmDecoder:
-    """`methods.rollout.Decoder` over a `VllmLM` (see the module docstring)."""
+    """`backends.decoder.Decoder` over a `VllmLM` (see the module docstring)."""
 
     def __init__(self, lm: Any) -> None:  # a VllmLM (not imported: it builds this class)
         self.lm, self.device = lm, torch.device("cpu")

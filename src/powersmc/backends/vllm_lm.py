@@ -181,7 +181,7 @@ class VllmLM:
         return VllmParticles(self)
 
     def decoder(self):
-        """The baselines' sampler on vLLM (`methods.rollout.Decoder`)."""
+        """The baselines' sampler on vLLM (`backends.decoder.Decoder`)."""
         from powersmc.backends.vllm_decoder import VllmDecoder
 
         return VllmDecoder(self)

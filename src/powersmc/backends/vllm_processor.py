@@ -96,15 +96,17 @@ def power_rows(logits: torch.Tensor, spec: Spec) -> torch.Tensor:
     # the most likely token, kept by every truncation (an argmax costs as much as a
     # logsumexp over the vocabulary, so only where a truncation needs it)
     top = logp.argmax(-1, keepdim=True) if target is not logp or cut else None
-    shift = torch.zeros_like(lse) if target is logp else (
-        logp.gather(-1, top) - target.gather(-1, top))
+    if top is None or target is logp:
+        shift = torch.zeros_like(lse)
+    else:
+        shift = logp.gather(-1, top) - target.gather(-1, top)
     if target is logp and spec.inv_tau == spec.alpha and not cut:
         s = logp.mul_(spec.alpha)  # the default proposal q = p^alpha_t / Z_t: one reduction
         log_z = log_norm = logsumexp_rows(s)
     else:
         log_z = logsumexp_rows(target * spec.alpha)
         s = target * spec.inv_tau
-        if cut:  # q over the kept set; log_norm = logsumexp of s over that set
+        if cut and top is not None:  # q over the kept set; log_norm = logsumexp over it
             q = truncate_logprobs(torch.log_softmax(s, -1), spec.proposal_top_k,
                                   spec.proposal_top_p)
             log_norm = s.gather(-1, top) - q.gather(-1, top)
@@ -126,12 +128,13 @@ def power_rows(logits: torch.Tensor, spec: Spec) -> torch.Tensor:
 def apply_rows(logits: torch.Tensor, rows: list[tuple[str, str] | None]) -> torch.Tensor:
     """Process every row that belongs to a group (`rows[i]` = (group, request) or None), group
     by group, and publish each request's values in RESULTS."""
-    by_group: dict[str, list[int]] = {}
+    by_group: dict[str, list[tuple[int, str]]] = {}  # group -> its (row, request) pairs
     for i, key in enumerate(rows):
         if key is not None and key[0] in GROUPS:
-            by_group.setdefault(key[0], []).append(i)
-    for group, idx in by_group.items():
+            by_group.setdefault(key[0], []).append((i, key[1]))
+    for group, members in by_group.items():
         spec = GROUPS[group]
+        idx = [i for i, _ in members]
         if len(idx) == logits.shape[0]:
             values = power_rows(logits, spec)
         else:
@@ -139,8 +142,8 @@ def apply_rows(logits: torch.Tensor, rows: list[tuple[str, str] | None]) -> torc
             part = logits.index_select(0, index)
             values = power_rows(part, spec)
             logits.index_copy_(0, index, part)
-        for j, i in enumerate(idx):
-            RESULTS[rows[i][1]] = (values, j)
+        for j, (_, request) in enumerate(members):
+            RESULTS[request] = (values, j)
     return logits
 
 
@@ -148,7 +151,7 @@ def take(requests: list[str]) -> dict[str, RowResult]:
     """The latest values the processor left for each request (one host transfer per apply),
     forgotten once read. A request missing here produced a token no apply saw: an engine
     configuration this module does not support."""
-    rows: dict[int, list[float]] = {}
+    rows: dict[int, list[list[float]]] = {}
     out = {}
     for r in requests:
         values, j = RESULTS.pop(r)

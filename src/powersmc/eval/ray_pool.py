@@ -51,7 +51,8 @@ class _Worker:
     """The body of one Ray actor: one model built from a spec, running units on it."""
 
     def __init__(self, spec: ModelSpec, threads: int) -> None:
-        self.spec, self.threads, self.model = spec, threads, None
+        self.spec, self.threads = spec, threads
+        self.model: Any = None  # built by `load`
 
     def load(self) -> dict:
         """Build the model; what the driver records about this worker."""
@@ -145,8 +146,9 @@ class WorkerPool:
             # (plain ray.init() would join one `ray start` left on this machine, even a dead one)
             address = self.address or (None if os.environ.get("RAY_ADDRESS") else "local")
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING)
+                level = min(logging.WARNING, logging.getLogger().getEffectiveLevel())
+                ray.init(address=address, include_dashboard=False,  # its log: --log-level
+                         log_to_driver=level <= logging.DEBUG, logging_level=level)
             except ConnectionError as exc:
                 raise InputError("--ray-address", "the address of a running Ray cluster "
                                  "(`ray start --head` prints it; a cluster with token "
@@ -206,9 +208,9 @@ class WorkerPool:
             while queue or any(i is not None for _, i in self._pending.values()):
                 for slot in self._slots:
                     if queue and slot.ready and not slot.busy:
-                        i = queue.popleft()
+                        u = queue.popleft()
                         slot.busy = True
-                        self._pending[slot.actor.run.remote(units[i], settings)] = (slot, i)
+                        self._pending[slot.actor.run.remote(units[u], settings)] = (slot, u)
                 if not self._pending:
                     raise WorkerError(f"every Ray worker failed to start: {self._last}")
                 [ref], _ = ray.wait(list(self._pending), num_returns=1)

@@ -61,7 +61,7 @@ def with_votes(results: list[dict], methods: list[str]) -> tuple[list[dict], lis
 
 
 def summarize(results: list[dict], methods: list[str]) -> list[dict]:
-    by = defaultdict(dict)
+    by: defaultdict[str, dict[tuple[str, int], dict]] = defaultdict(dict)
     for r in results:
         by[r["method"]][(r["problem_id"], r["seed"])] = r
     base = "plain" if "plain" in by else methods[0]

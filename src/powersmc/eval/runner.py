@@ -64,12 +64,14 @@ def run_eval(
     starting a local one); or a started `WorkerPool`. Units that fail on every attempt on Ray
     are recorded in failures.jsonl (the in-process path stops at the first exception).
     """
-    if workers is not None and not isinstance(model, ModelSpec):
-        raise InputError("workers", "a ModelSpec as the model (each Ray worker builds its own)",
-                         type(model).__name__)
     if ray_address is not None and workers is None:
         raise InputError("ray_address", "set only with workers", ray_address)
-    pool = None if workers is None else WorkerPool(model, workers, address=ray_address)
+    pool = None
+    if workers is not None:
+        if not isinstance(model, ModelSpec):
+            raise InputError("workers", "a ModelSpec as the model (each Ray worker builds its "
+                             "own)", type(model).__name__)
+        pool = WorkerPool(model, workers, address=ray_address)
     for m in methods:
         check_method(m)
     if not seeds:

@@ -90,20 +90,22 @@ def mh_sample(
     budget = (3 + num_blocks * mh_moves // 2) * max_new_tokens
     dec = decoder(model)
     dec.start(ids, 1, budget=budget, cost=cost)
-    chain: _Chain | None = None
     proposed = accepted = 0
 
-    def regenerate(j: int, cap: int) -> _Chain:
-        """Continue the kept prefix y_{<j} with a new suffix of at most cap - j tokens."""
-        ro = dec.sample(1, cap - j, rule, gen, cost, prefix=chain.tokens[:j] if j else (),
-                        source=chain.state if j else None)
+    def regenerate(chain: _Chain | None, j: int, cap: int) -> _Chain:
+        """Continue the kept prefix y_{<j} of `chain` with a new suffix of at most cap - j
+        tokens (no chain: a first answer)."""
+        if chain is None or j == 0:
+            ro = dec.sample(1, cap - j, rule, gen, cost)
+        else:
+            ro = dec.sample(1, cap - j, rule, gen, cost, prefix=chain.tokens[:j],
+                            source=chain.state)
         return _Chain.from_rollout(chain, j, ro)
 
+    chain = regenerate(None, 0, min(block, max_new_tokens))  # the first block
     for k in range(1, num_blocks + 1):
         cap = min(k * block, max_new_tokens)
-        if chain is None:
-            chain = regenerate(0, cap)
-        elif not chain.finished and len(chain.tokens) < cap:  # extend by one block
+        if not chain.finished and len(chain.tokens) < cap:  # extend by one block (k > 1)
             n = len(chain.tokens)
             ro = dec.sample(1, cap - n, rule, gen, cost, prefix=chain.tokens,
                             source=chain.state, consume=True)
@@ -111,7 +113,7 @@ def mh_sample(
         for _ in range(mh_moves):
             L = len(chain.tokens)
             j = int(torch.randint(L, (1,), generator=gen, device=model.device))
-            new = regenerate(j, L if faithful else cap)
+            new = regenerate(chain, j, L if faithful else cap)
             L2 = len(new.tokens)
             if faithful:  # compare the current suffix only up to the proposal's length
                 cur = slice(j, L2)

@@ -62,8 +62,9 @@ METHODS: dict[str, Callable[..., SampleResult]] = {
     "bon": _bon,
 }
 # Where each method's keyword arguments are declared, when its entry point only forwards them.
-_TARGETS = {"plain": sample, "lowtemp": sample, "greedy": sample, "mh-faithful": mh_sample,
-            "smc": smc_sample_many, "smc-adapted": smc_sample_many}
+_TARGETS: dict[str, Callable[..., Any]] = {
+    "plain": sample, "lowtemp": sample, "greedy": sample, "mh-faithful": mh_sample,
+    "smc": smc_sample_many, "smc-adapted": smc_sample_many}
 _DECODING = ("temperature", "greedy")
 _FIXED = {"plain": _DECODING, "lowtemp": _DECODING, "greedy": _DECODING,  # set by the wrappers
           "mh-faithful": ("mode",), "smc-adapted": ("order",)}

@@ -6,6 +6,7 @@ what to fix without reading server logs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from powersmc.errors import InputError
@@ -54,7 +55,7 @@ def _where(loc: list[Any]) -> str:
     return out or "body"
 
 
-def from_validation_errors(errors: list[dict[str, Any]], fields: set[str]) -> APIError:
+def from_validation_errors(errors: Sequence[Mapping[str, Any]], fields: set[str]) -> APIError:
     """Pydantic's first error as a 400 naming the field (unknown, wrong type, missing).
 
     `fields` holds every declared field name: other strings in an error's location are the

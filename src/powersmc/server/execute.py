@@ -46,8 +46,9 @@ def chat_prompt_ids(lm: LanguageModel, messages: list[dict[str, str]]) -> list[i
     A backend may define `encode_chat(messages)`; otherwise the tokenizer's template is used
     (Transformers). Without either, chat is refused rather than guessed.
     """
-    if callable(getattr(lm, "encode_chat", None)):
-        return list(lm.encode_chat(messages))
+    encode_chat = getattr(lm, "encode_chat", None)
+    if callable(encode_chat):
+        return list(encode_chat(messages))
     tok = getattr(lm, "tokenizer", None)
     if tok is not None and getattr(tok, "chat_template", None):
         enc = tok.apply_chat_template(messages, add_generation_prompt=True)
@@ -118,7 +119,7 @@ class Executor:
                                seed=seed, **head.options)
         out, k = [], 0
         for job, prompts in zip(jobs, ids, strict=True):
-            mine: list[SMCResult] = results[k: k + job.systems]  # type: ignore[assignment]
+            mine: list[SMCResult] = results[k: k + job.systems]
             k += job.systems
             info = self._info(job, mine[0], len(jobs), len(flat),
                               sum(r.cost.token_evals for r in mine))
@@ -132,7 +133,8 @@ class Executor:
     def _single(self, job: Job, ids: list[list[int]]) -> JobResult:
         """A non-SMC job: decoding methods draw n samples in one batch; MH and Scalable Power
         Sampling run n times. A seeded job's k-th sampler call uses seed + k."""
-        start, choices, results = time.perf_counter(), [], []
+        start, choices = time.perf_counter(), []
+        results: list[SampleResult] = []
         for prompt in ids:
             if job.method in ("plain", "lowtemp", "greedy"):
                 res = self._decode(job, prompt, self._seed(job, len(results)))

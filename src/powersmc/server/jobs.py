@@ -148,7 +148,7 @@ def _method_options(req, cfg: ServerConfig, method: str) -> dict[str, Any]:
 def _prompts(req: CompletionRequest) -> list[Any]:
     p = req.prompt
     if isinstance(p, str):
-        prompts = [p]
+        prompts: list[Any] = [p]
     elif p and all(isinstance(x, int) for x in p):
         prompts = [list(p)]
     else:
@@ -172,11 +172,9 @@ def resolve(req: CompletionRequest | ChatRequest, cfg: ServerConfig) -> Job:
     method = _check(check_method, req.method or cfg.defaults["method"])
     alpha = _check(common.check_alpha, cfg.defaults["alpha"] if req.alpha is None else req.alpha)
     chat = isinstance(req, ChatRequest)
-    max_tokens = req.max_tokens
-    if chat and req.max_completion_tokens is not None:
-        max_tokens = req.max_completion_tokens
-    name = "max_completion_tokens" if chat and req.max_completion_tokens is not None \
-        else "max_tokens"
+    completion_max = req.max_completion_tokens if isinstance(req, ChatRequest) else None
+    max_tokens = req.max_tokens if completion_max is None else completion_max
+    name = "max_tokens" if completion_max is None else "max_completion_tokens"
     max_tokens = cfg.defaults["max_tokens"] if max_tokens is None else max_tokens
     if max_tokens < 1 or max_tokens > cfg.max_tokens_limit:
         raise _bad(name, f"an integer in [1, {cfg.max_tokens_limit}] on this server "
@@ -189,7 +187,7 @@ def resolve(req: CompletionRequest | ChatRequest, cfg: ServerConfig) -> Job:
     if not 1 <= req.n <= cfg.max_choices:
         raise _bad("n", f"an integer in [1, {cfg.max_choices}] (got {req.n})")
     options = _method_options(req, cfg, method) | _sampling_controls(req, method)
-    if chat:
+    if isinstance(req, ChatRequest):
         if not req.messages:
             raise _bad("messages", "a non-empty list of messages")
         # 'developer' is OpenAI's newer name for 'system'; chat templates know 'system'

@@ -4,6 +4,9 @@ Every ratio is taken side by side in one process, alternating the two sides, rep
 reported as a median with its spread. Lengths are forced (EOS disabled through `NoEOS`) so that
 both sides decode exactly T tokens per sequence; that changes the target, which is fine for a
 latency measurement and nothing else.
+
+`powersmc.bench.vllm_sampling` times Power-SMC on vLLM against vLLM's own sampling (driven by
+`benchmarks/vllm_bench.py`).
 """
 
 from __future__ import annotations

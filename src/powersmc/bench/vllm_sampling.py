@@ -20,7 +20,7 @@ from powersmc.bench import NoEOS, _spread, _timed
 from powersmc.methods.smc import smc_sample
 
 # Qwen2.5-7B (Qwen/Qwen2.5-7B config.json), the architecture of the paper's GPU runs
-QWEN25_7B = {
+QWEN25_7B: dict[str, Any] = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
     "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
     "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 131072,
