@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in lengths[1:]:
         result["runs"][str(t)] = part(f"T={t}", lambda t=t: decode_runs(lms, ids, tokens=t,
                                                                          **kw))
+    result["info"]["compile_error"] = lms["static"].compile_error
     result["info"]["total_seconds"] = time.perf_counter() - t0
     (out / "gpu_bench.json").write_text(json.dumps(result, indent=2))
     print(report(result))
@@ -233,8 +234,9 @@ def _version(name: str) -> str:
 def report(r: dict[str, Any]) -> str:
     """The ratios, per T and cache path, as Markdown."""
     i = r["info"]
+    compiled = i["compiled"] and not i.get("compile_error")
     lines = [f"## gpu_bench: {i['device']}, {i['model']}, N = {i['particles']}, "
-             f"alpha = {i['alpha']}, compiled static path: {i['compiled']}", "",
+             f"alpha = {i['alpha']}, compiled static path: {compiled}", "",
              "| T | cache | single s | batched s | SMC s | ms / SMC step | SMC / single | "
              "SMC / batched |", "|---|---|---|---|---|---|---|---|"]
     for t, runs in r["runs"].items():
@@ -249,6 +251,8 @@ def report(r: dict[str, Any]) -> str:
     for name, s in (r.get("s") or {}).items():
         if s:
             lines.append(f"* s(b) {name}: " + ", ".join(f"{b}: {v:.2f}" for b, v in s.items()))
+    if i.get("compile_error"):
+        lines.append(f"* compilation given up (static path ran eagerly): {i['compile_error']}")
     if r["skipped"]:
         lines.append(f"* skipped (time budget): {', '.join(r['skipped'])}")
     for k, v in r["errors"].items():

@@ -117,6 +117,19 @@ def test_compiled_fixed_shape_step(kind):
                           atol=TOL64, rtol=0)
 
 
+def test_compile_failure_falls_back_to_eager():
+    """A compiler that fails (as a CUDA graph capture might on an untested stack) costs the
+    run nothing: a warning, `compile_error`, and the same log-probs from the eager step."""
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    lm = tiny_lm("llama", "static", compile={"backend": broken})
+    with pytest.warns(RuntimeWarning, match="compiled decode step failed"):
+        _, out, seqs = _teacher_forced(lm, PROMPTS, 2, 3, [2, 2, 1], budget=4 * 8)
+    assert "no compiler here" in lm.compile_error and lm.compile_options is None
+    assert torch.allclose(out[-1], from_scratch(lm.model, seqs), atol=TOL64, rtol=0)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_seeded_smc_reproduces_and_matches_dynamic(kind):
     """Seeded Power-SMC on the static path reproduces bit for bit, and draws the same tokens

@@ -27,6 +27,7 @@ Two caches (`cache=`, docs/backends.md "Transformers: the static cache"):
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -176,6 +177,7 @@ class TransformersLM:
         self._pool: dict[tuple[int, int], tuple[SlotCache, torch.Tensor, Any]] = {}
         self._holder: dict[tuple[int, int], weakref.ref] = {}
         self._compiled: Any = None
+        self.compile_error: str | None = None  # why compilation was given up, if it was
 
     def _choose_cache(self, cache: str) -> str:
         if cache not in CACHES:
@@ -326,6 +328,8 @@ class TransformersLM:
         """One token per row into slot `length`: eager over the rows and slots in use, or the
         compiled fixed-shape step over all buffer rows (rows past `rows` are dead: their
         outputs are dropped)."""
+        if state.compiled and self.compile_options is None:  # compilation was given up
+            self._detach(state)
         c, n, t = state.cache, state.rows, state.length
         if t >= c.capacity[1]:  # past the budget: more slots (and eager from now on)
             if state.compiled:
@@ -358,7 +362,19 @@ class TransformersLM:
             self._compiled = torch.compile(self._decode, **self.compile_options)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        logits = self._compiled(ids, pos, state.mask, c)
+        try:
+            logits = self._compiled(ids, pos, state.mask, c)
+        except Exception as exc:  # noqa: BLE001 - a compiler failure must not lose the run
+            if self.compile_error is not None:
+                raise
+            # nothing was written yet (the step failed before or inside the graph, which
+            # only writes slot t, rewritten below): go on eagerly, and say why
+            self.compile_error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"compiled decode step failed, static cache runs eagerly: "
+                          f"{self.compile_error}", RuntimeWarning, stacklevel=3)
+            self.compile_options = None
+            self._detach(state)
+            return self._static_step(state, tokens)
         state.length += 1
         c.write = state.length
         return self._normalize(logits[:n])
