@@ -183,11 +183,13 @@ def test_default_model_static_equals_dynamic(default_lm):
     from powersmc.backends.transformers_lm import TransformersLM
 
     base = default_lm
-    static = TransformersLM(base.model, base.tokenizer, cache="static")
+    assert base.cache == "static"  # what `auto` picks for this Llama-family model
+    dynamic = TransformersLM(base.model, base.tokenizer, cache="dynamic")
+    static = base
     prompts = [base.encode_prompt(t) for t in ("Hi.", "Name three prime numbers.")]
     index = [3, 0, 3]
     runs = {}
-    for name, lm in (("dynamic", base), ("static", static)):
+    for name, lm in (("dynamic", dynamic), ("static", static)):
         state, runs[name], seqs = _teacher_forced(lm, prompts, 2, 3, index, budget=4 * 8)
         assert isinstance(state, StaticState) == (name == "static")
     for a, b in zip(runs["dynamic"], runs["static"], strict=True):
