@@ -198,3 +198,30 @@ def test_default_model_static_equals_dynamic(default_lm):
     kw = dict(alpha=4.0, particles=4, max_new_tokens=12, seed=3)
     r1, r2 = (smc_sample(static, "What is 2 + 3?", **kw) for _ in range(2))
     assert r1.token_ids == r2.token_ids and r1.log_z == r2.log_z
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("longer", [False, True], ids=["fits", "shifts"])
+def test_admit_appends_rows_to_a_running_state(kind, longer):
+    """`admit`: new prompts join a running static state as rows at the end (what a scheduler
+    needs to start a new particle system mid-batch). The new rows' log-probs equal a fresh
+    prefill of their prompts; after more steps and a reorder that mixes old and new rows,
+    every row equals a from-scratch evaluation of its own sequence. `longer`: a new prompt
+    longer than the running rows, which moves them right first."""
+    lm = tiny_lm(kind, "static")
+    state, out, seqs = _teacher_forced(lm, PROMPTS, 1, 3, [1, 0, 0], budget=3 * 8)
+    new = [[20 + i for i in range(12 if longer else 3)]]
+    logp = lm.admit(state, new, 2, budget=2 * 8)
+    assert torch.allclose(logp, from_scratch(lm.model, new * 2), atol=TOL64, rtol=0)
+    seqs += [list(new[0]) for _ in range(2)]
+    for s in range(2):
+        tok = torch.arange(len(seqs)) + 30 + s
+        for q, t in zip(seqs, tok.tolist(), strict=True):
+            q.append(t)
+        logp = lm.step(state, tok)
+    assert torch.allclose(logp, from_scratch(lm.model, seqs), atol=TOL64, rtol=0)
+    index = [4, 0, 3, 3]
+    lm.reorder(state, torch.tensor(index))
+    seqs = [seqs[i] + [50] for i in index]
+    logp = lm.step(state, torch.full((4,), 50))
+    assert torch.allclose(logp, from_scratch(lm.model, seqs), atol=TOL64, rtol=0)

@@ -427,6 +427,51 @@ class TransformersLM:
             state.mask, state.pad = state.mask[index], state.pad[index]
 
     @torch.inference_mode()
+    def admit(self, state: StaticState, prompts: Sequence[Sequence[int]], rows: int, *,
+              budget: int | None = None) -> torch.Tensor:
+        """Add `rows` rows for each of `prompts` to a running static-cache state, after its
+        rows (prompt-major), and return their next-token log-probs [len(prompts) * rows, V].
+
+        The new prompts are prefilled in one pass (shared by their rows, as `prefill_many`)
+        and their keys and values placed right-aligned, the last prompt token in the state's
+        last written slot, with left padding before it. Positions count from each row's first
+        real token and the mask hides the padding, so every row still attends exactly to its
+        own sequence: the running rows' next-token log-probs are unchanged, and the new rows'
+        equal a fresh `prefill_many` of their prompts. A prompt longer than the state's rows
+        first moves every running row right (slots only: their positions, hence their RoPE
+        keys, are unchanged). `budget`: the tokens the new rows will generate together (their
+        slots); the buffers grow if a row outruns them. The state steps eagerly afterwards
+        (one new shape per admission would be a new compilation), and `fork(keep=...)` counts
+        `keep` from the first rows' prompt."""
+        if not isinstance(state, StaticState):
+            raise InputError("state", "a static-cache state (cache='static') to admit into",
+                             type(state).__name__)
+        sub, logp = self.prefill_many(prompts, rows, budget=budget)
+        if state.compiled:
+            self._detach(state)
+        old, new, c = state.rows, sub.rows, state.cache
+        shift = max(0, sub.length - state.length)
+        length = state.length + shift
+        slots = max(c.capacity[1] + shift, length + sub.cache.capacity[1] - sub.length)
+        buf = SlotCache.allocate(list(zip(c.keys, c.values, strict=True)), old + new, slots)
+        start = length - sub.length  # first slot of the new rows' (padded) prompts
+        for dst, src, add in zip((*buf.keys, *buf.values), (*c.keys, *c.values),
+                                 (*sub.cache.keys, *sub.cache.values), strict=True):
+            dst[:old, :, shift : shift + state.length] = src[:old, :, : state.length]
+            dst[old:, :, start:length] = add[:new, :, : sub.length]
+        mask = torch.zeros((old + new, slots), dtype=torch.bool, device=self.device)
+        mask[:old, shift : shift + state.length] = state.mask[:old, : state.length]
+        mask[old:, start:length] = sub.mask[:new, : sub.length]
+        zeros = torch.zeros(old + new, dtype=torch.long, device=self.device)
+        pad = zeros.clone()
+        pad[:old] = shift + (zeros[:old] if state.pad is None else state.pad[:old])
+        pad[old:] = start + (zeros[old:] if sub.pad is None else sub.pad[:new])
+        buf.rows, buf.write = old + new, length
+        state.cache, state.mask, state.pad, state.rows = buf, mask, pad, old + new
+        state.length, state.prompt_len = length, state.prompt_len + shift
+        return logp
+
+    @torch.inference_mode()
     def fork(self, state: HFState | StaticState, keep: int | None = None) -> HFState | StaticState:
         length = state.length if keep is None else state.prompt_len + keep
         if isinstance(state, StaticState):
