@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from powersmc.backends.transformers_lm import TransformersLM
-from powersmc.bench import NoEOS, _timed, batch_throughput, profile_smc
+from powersmc.bench import NoEOS, _timed, profile_smc
 from powersmc.methods.decoding import sample
 from powersmc.methods.smc import smc_sample
 
@@ -95,6 +95,25 @@ def warm(lm: TransformersLM, ids: list[int], rows: int, tokens: int) -> float:
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def throughput(lm: TransformersLM, ids: list[int], batches: list[int], tokens: int,
+               deadline: float, steps: int = 8) -> dict[int, float]:
+    """s(b) = b * t(1) / t(b) from the time of one decode step at batch b (`steps` steps
+    after one untimed step), each b prefilled with the budget of a T-token run (so b = 1 and
+    b = N reuse the runs' compiled shapes). Stops at `deadline` (perf_counter seconds) with
+    the batches done; b = 1 always comes first."""
+    per_step: dict[int, float] = {}
+    for b in sorted(set(batches), key=lambda b: (b != 1, b)):
+        if per_step and time.perf_counter() > deadline:
+            break
+        state, logp = lm.prefill(ids, b, budget=b * tokens)
+        tok = logp.argmax(-1)
+        lm.step(state, tok)
+        t, _ = _timed(lm.device, lambda s=state, k=tok: [lm.step(s, k) for _ in range(steps)])
+        per_step[b] = t / steps
+        del state
+    return {b: b * per_step[1] / per_step[b] for b in sorted(per_step)}
 
 
 def decode_runs(lms: dict[str, TransformersLM], ids: list[int], *, particles: int,
@@ -206,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec in (("static", args.static_batches), ("dynamic", args.batches)):
         bs = _batches(spec)
         result.setdefault("s", {})[name] = part(
-            f"s(b) {name}", lambda n=name, bs=bs: batch_throughput(lms[n], ids, bs, steps=8,
-                                                                  repeats=1))
+            f"s(b) {name}", lambda n=name, bs=bs: throughput(lms[n], ids, bs, lengths[0],
+                                                            t0 + args.budget_s))
     for t in lengths[1:]:
         result["runs"][str(t)] = part(f"T={t}", lambda t=t: decode_runs(lms, ids, tokens=t,
                                                                          **kw))

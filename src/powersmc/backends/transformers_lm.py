@@ -47,6 +47,10 @@ CACHES = ("auto", "static", "dynamic")
 STATIC_MODEL_TYPES = ("llama", "qwen2")
 ATTENTION = "powersmc_sdpa"
 DEFAULT_SLOTS = 256  # generated slots per row when no budget is given (grown when exceeded)
+# compiled shapes: slots rounded up to a multiple of this, so prompts of other lengths reuse a
+# shape (and its CUDA graph) instead of compiling a new one; at most POOL_SHAPES kept
+SLOT_BLOCK = 256
+POOL_SHAPES = 8
 
 
 @dataclass
@@ -271,6 +275,7 @@ class TransformersLM:
         layers = [(la.keys, la.values) for la in dyn.layers]
         compiled = self.compile_options is not None
         if compiled:
+            slots = -(-slots // SLOT_BLOCK) * SLOT_BLOCK
             buf, mbuf = self._pooled(layers, total, slots)
         else:
             buf = SlotCache.allocate(layers, total, slots)
@@ -292,6 +297,10 @@ class TransformersLM:
         stay independent while the compiled graph keeps seeing the same addresses."""
         key = (rows, slots)
         if key not in self._pool:
+            if len(self._pool) >= POOL_SHAPES:  # the oldest shape goes (a state holding its
+                old = next(iter(self._pool))    # buffers keeps them until it ends)
+                del self._pool[old]
+                self._holder.pop(old, None)
             buf = SlotCache.allocate(layers, rows, slots)
             buf.full = True
             buf.mark_static()
