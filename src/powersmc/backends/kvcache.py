@@ -106,7 +106,6 @@ class SlotCache:
     """
 
     is_compileable = True
-    is_sliding = False
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         self.keys, self.values = keys, values
@@ -133,6 +132,11 @@ class SlotCache:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        """Per layer, as Transformers' caches: no sliding-window layer."""
+        return [False] * len(self.keys)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.write
