@@ -171,10 +171,11 @@ class SlotCache:
         for t in (*self.keys, *self.values):
             t[changed] = t[src]
 
-    def resized(self, index: torch.Tensor, slots: int) -> SlotCache:
+    def resized(self, index: torch.Tensor, slots: int, used: int | None = None) -> SlotCache:
         """A new cache whose row k is this cache's row index[k], with `slots` slots (the
-        first min(slots, L) copied): for growing past the buffers' rows or slots."""
-        n = min(slots, self.capacity[1])
+        first min(slots, L, used) copied): for growing past the buffers' rows or slots, and
+        for forks."""
+        n = min(slots, self.capacity[1], self.capacity[1] if used is None else used)
 
         def grow(t: torch.Tensor) -> torch.Tensor:
             out = torch.zeros((index.numel(), t.shape[1], slots, t.shape[3]), dtype=t.dtype,

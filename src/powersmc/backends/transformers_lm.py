@@ -13,15 +13,15 @@ Two caches (`cache=`, docs/backends.md "Transformers: the static cache"):
   cache per step) and reindexed on resampling (`kvcache.reorder_cache`); finished particles
   leave the batch (App. D). Works for every architecture.
 * static: a `kvcache.SlotCache` preallocated from the run's `budget` (prompt + budget / rows
-  slots per row; it grows if a state outlives its budget), written in place; resampling is an
-  in-place row gather. Eager, attention reads the rows and slots in use. Compiled
-  (`compile=`, default on CUDA: `torch.compile(mode="reduce-overhead")`, i.e. CUDA graphs),
-  the step has one shape for the life of the buffers: every row, every slot, a mask hiding the
-  slots not yet written. Finished particles then stay in the batch, masked (their outputs are
-  dropped) instead of leaving: on a GPU a decode step of <= 64 rows is bound by reading the
-  weights, so a dead row costs little, while each new row count would cost a new compilation
-  and graph capture. Buffers of a compiled shape are pooled per (rows, slots) and reused by
-  the next run, so one capture serves every run of that shape.
+  slots per row, at most EAGER_SLOTS / COMPILED_SLOTS of them; it doubles when full), written
+  in place; resampling is an in-place row gather. Eager, attention reads the rows and slots
+  in use. Compiled (`compile=`, default on CUDA: `torch.compile(mode="reduce-overhead")`,
+  i.e. CUDA graphs), the step has one shape for the life of the buffers: every row, every
+  slot, a mask hiding the slots not yet written. Finished particles then stay in the batch,
+  masked (their outputs are dropped) instead of leaving: on a GPU a decode step of <= 64 rows
+  is bound by reading the weights, so a dead row costs little, while each new row count would
+  cost a new compilation and graph capture. Buffers of a compiled shape are pooled per
+  (rows, slots) and reused by the next run, so one capture serves every run of that shape.
 """
 
 from __future__ import annotations
@@ -47,10 +47,16 @@ CACHES = ("auto", "static", "dynamic")
 STATIC_MODEL_TYPES = ("llama", "qwen2")
 ATTENTION = "powersmc_sdpa"
 DEFAULT_SLOTS = 256  # generated slots per row when no budget is given (grown when exceeded)
+# at most this many generated slots per row up front (a budget can be far larger than what
+# one state holds: MH's covers all its forks); the buffers double when full. Eager growth is
+# cheap; a compiled state that grows steps eagerly from then on, hence the larger cap.
+EAGER_SLOTS = 512
+COMPILED_SLOTS = 4096
 # compiled shapes: slots rounded up to a multiple of this, so prompts of other lengths reuse a
 # shape (and its CUDA graph) instead of compiling a new one; at most POOL_SHAPES kept
 SLOT_BLOCK = 256
 POOL_SHAPES = 8
+FORK_SLOTS = 64  # free slots a fork gets at least
 
 
 @dataclass
@@ -259,8 +265,9 @@ class TransformersLM:
             pad = pad.repeat_interleave(rows, 0)
         if self.cache == "static":
             per_row = DEFAULT_SLOTS if budget is None else -(-budget // total)
-            state = self._static_state(cache, width, total, rows, width + max(per_row, 1),
-                                       mask, pad)
+            cap = EAGER_SLOTS if self.compile_options is None else COMPILED_SLOTS
+            state = self._static_state(cache, width, total, rows,
+                                       width + min(max(per_row, 1), cap), mask, pad)
             return state, logp.repeat_interleave(rows, 0)
         if rows != 1:
             cache.batch_repeat_interleave(rows)
@@ -484,12 +491,18 @@ class TransformersLM:
     def fork(self, state: HFState | StaticState, keep: int | None = None) -> HFState | StaticState:
         length = state.length if keep is None else state.prompt_len + keep
         if isinstance(state, StaticState):
-            out = StaticState(state.cache, state.length, state.prompt_len, state.rows,
-                              state.mask, state.pad, state.compiled)
-            self._detach(out)  # own buffers, a copy of the rows in use
-            out.mask[:, length:] = False
-            out.length = out.cache.write = length
-            return out
+            # own buffers holding the rows and slots in use, with room for as many tokens
+            # again (at least FORK_SLOTS); they double if the fork outgrows them. Not the
+            # parent's capacity: MH's budget covers all its forks, and every fork would
+            # otherwise copy all of it.
+            n, cap = state.rows, state.cache.capacity[1]
+            slots = min(cap, length + max(length, FORK_SLOTS))
+            cache = state.cache.resized(torch.arange(n, device=self.device), slots, length)
+            cache.rows, cache.write = n, length
+            mask = torch.zeros((n, slots), dtype=torch.bool, device=self.device)
+            mask[:, :length] = state.mask[:n, :length]
+            pad = None if state.pad is None else state.pad[:n].clone()
+            return StaticState(cache, length, state.prompt_len, n, mask, pad)
         cache = copy.deepcopy(state.cache)
         if length < state.length:
             cache.crop(length - state.length)
