@@ -173,7 +173,8 @@ def test_shared_options_never_truncate_smc():
 
 def test_shared_options_reach_each_method():
     """The options a method declares do reach it, also through forwarding entry points."""
-    from powersmc.methods.registry import run_method, run_smc_many
+    from powersmc import Scheduler
+    from powersmc.methods.registry import run_method, smc_options
 
     opts = {"particles": 3, "num_blocks": 2, "candidates": 2, "rollouts": 2, "horizon": 2}
     r = run_method("smc", random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0, **opts)
@@ -183,9 +184,11 @@ def test_shared_options_reach_each_method():
     bon = run_method("bon", random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0,
                      bon_samples=5, **opts)
     assert bon.num_particles == 5 and len(bon.samples) == 5
-    many = run_smc_many(random_lm(), [PROMPT, [2]], alpha=ALPHA, max_new_tokens=3, seed=0,
-                        **opts)
-    assert [len(x.particles) for x in many] == [3, 3]
+    sched = Scheduler(random_lm())
+    many = [sched.submit(p, alpha=ALPHA, max_new_tokens=3, seed=0, **smc_options(opts))
+            for p in (PROMPT, [2])]
+    sched.run()
+    assert [len(h.result().particles) for h in many] == [3, 3]
     # 'smc-adapted' is Power-SMC with order='adapted', whatever order the options name
     same = [run_method(m, random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0, **o)
             for m, o in (("smc-adapted", {**opts, "order": "standard"}),

@@ -43,6 +43,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="llama.cpp: auto (F16 copy for small Q4_1/Q5_1 files), file or f16")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (transformers)")
+    g.add_argument("--cache", default="auto", choices=("auto", "static", "dynamic"),
+                   help="transformers: KV cache (auto: static for Llama/Qwen2, compiled on CUDA)")
     g.add_argument("--raw", action="store_true", help="raw text prompts, no chat template")
 
 
@@ -185,7 +187,7 @@ def _load_kwargs(args: argparse.Namespace) -> dict:
     engine = {"kv_cache_gib": args.kv_cache_gib} if args.kv_cache_gib is not None else None
     return dict(name_or_path=model, backend=args.backend, gguf_file=args.gguf_file,
                 device=args.device, dtype=args.dtype, chat=False if args.raw else None,
-                threads=args.threads, weights=args.weights, engine=engine)
+                threads=args.threads, weights=args.weights, engine=engine, cache=args.cache)
 
 
 def _load(args: argparse.Namespace):

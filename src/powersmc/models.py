@@ -120,6 +120,7 @@ def load_model(
     threads: int | None = None,
     weights: str = "auto",
     engine: dict[str, Any] | None = None,
+    cache: str = "auto",
 ) -> Any:
     """Load a causal LM as a backend: `LlamaCppLM` (llama.cpp), `TransformersLM` or `VllmLM`.
 
@@ -136,6 +137,9 @@ def load_model(
     weights: llama.cpp only: 'auto', 'file' or 'f16' (see `LlamaCppLM`).
     engine: vLLM only: engine settings (`VllmLM`: kv_cache_gib, block_size, max_num_seqs,
         max_num_batched_tokens, max_model_len, load_format).
+    cache: Transformers only: 'auto' (a preallocated static KV cache for Llama / Qwen2-family
+        models, compiled into CUDA graphs on a GPU; else dynamic), 'static' or 'dynamic'
+        (`TransformersLM`, docs/backends.md).
     """
     dev = resolve_device(device)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
@@ -144,6 +148,8 @@ def load_model(
     which = choose_backend(name_or_path, backend, dev, gguf_file, dtype)
     if engine and which != "vllm":
         raise InputError("engine", "unset unless backend='vllm'", engine)
+    if cache != "auto" and which != "transformers":
+        raise InputError("cache", "'auto' unless backend='transformers'", cache)
     if which == "vllm":
         return _load_vllm(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads,
                           engine or {})
@@ -152,7 +158,7 @@ def load_model(
                               weights)
     if threads is not None:
         torch.set_num_threads(threads)
-    return _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt)
+    return _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt, cache)
 
 
 def _load_llamacpp(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads, weights):
@@ -205,7 +211,8 @@ def _load_vllm(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads
                   system_prompt=system_prompt, threads=threads, name=name, **engine)
 
 
-def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt) -> TransformersLM:
+def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt,
+                       cache="auto") -> TransformersLM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype is None:
@@ -224,7 +231,7 @@ def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError("model", f"could not load {name_or_path!r}: {first}") from exc
     model.to(dev)
-    return TransformersLM(model, tokenizer, chat=chat, system_prompt=system_prompt)
+    return TransformersLM(model, tokenizer, chat=chat, system_prompt=system_prompt, cache=cache)
 
 
 @dataclass(frozen=True)

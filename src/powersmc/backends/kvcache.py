@@ -8,6 +8,9 @@ Copy-on-write fast path: resampling keeps the row count, and most ancestors are 
 (an SMC run with ESS >= N/2 keeps at least half of its rows). For caches that expose per-layer
 `keys` / `values` tensors we then copy only the rows that change, in place, instead of
 reallocating every layer.
+
+`SlotCache`: the preallocated cache of the Transformers backend's static path, whose rows are
+gathered in place and whose buffers keep their addresses (torch.compile / CUDA graphs).
 """
 
 from __future__ import annotations
@@ -78,3 +81,115 @@ def reorder_cache(model: Any, cache: Any, index: torch.Tensor) -> Any:
             method(index)
             return cache
     return reindex_nested(cache, index)
+
+
+class SlotCache:
+    """A preallocated KV cache: per layer, keys and values of shape [R, H, L, D] (R rows,
+    L slots), written in place; never concatenated, never reallocated while it fits.
+
+    It is what the Transformers model sees as `past_key_values` on the static decode path
+    (`TransformersLM(cache="static")`): the model calls `update(k, v, layer)` for each layer,
+    which writes the new tokens' keys and values into their slots and returns the keys and
+    values attention reads. Two modes:
+
+    * eager (`full = False`): the new tokens go to slots `write .. write + q - 1` of the first
+      `rows` rows, and attention reads views of the first `rows` rows and `write + q` slots:
+      the work of the dynamic cache without its per-step copy of the whole cache;
+    * fixed shape (`full = True`, for `torch.compile` / CUDA graphs): every row is written at
+      slot `pos` (a one-element device tensor, so the compiled graph does not depend on the
+      step) and attention reads all R x L slots; an attention mask hides the slots not
+      written yet. The tensors keep their addresses for the life of the cache, which is what
+      a captured CUDA graph needs.
+
+    Rows are reindexed in place (`gather_`): resampling is a row gather within the same
+    storage (paper App. C), with repeats and drops.
+    """
+
+    is_compileable = True
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.keys, self.values = keys, values
+        self.rows = keys[0].shape[0]  # rows attention reads in eager mode
+        self.write = 0  # eager mode: first slot the next update writes
+        self.full = False
+        self.pos = torch.zeros(1, dtype=torch.long, device=keys[0].device)
+
+    @classmethod
+    def allocate(cls, like: list[tuple[torch.Tensor, torch.Tensor]], rows: int,
+                 slots: int) -> SlotCache:
+        """Zeroed buffers for `rows` rows and `slots` slots, heads / head sizes / dtype / device
+        taken from `like` (per layer (keys, values) [*, H, *, D]). Zeroed, not empty: a masked
+        slot gets weight exactly 0 in attention, and 0 * NaN would still be NaN."""
+        def buf(t: torch.Tensor) -> torch.Tensor:
+            return torch.zeros((rows, t.shape[1], slots, t.shape[3]), dtype=t.dtype,
+                               device=t.device)
+        return cls([buf(k) for k, _ in like], [buf(v) for _, v in like])
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(rows, slots) the buffers hold."""
+        return self.keys[0].shape[0], self.keys[0].shape[2]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        """Per layer, as Transformers' caches: no sliding-window layer."""
+        return [False] * len(self.keys)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.write
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self.full:
+            k.index_copy_(2, self.pos, key_states)
+            v.index_copy_(2, self.pos, value_states)
+            return k, v
+        end = self.write + key_states.shape[2]
+        k[: self.rows, :, self.write : end] = key_states
+        v[: self.rows, :, self.write : end] = value_states
+        return k[: self.rows, :, :end], v[: self.rows, :, :end]
+
+    def mark_static(self) -> None:
+        """Tell torch.compile the buffers keep their addresses (mutated in place inside a
+        graph; without this, CUDA graphs are skipped for mutated inputs)."""
+        for t in (*self.keys, *self.values, self.pos):
+            torch._dynamo.mark_static_address(t)
+
+    def gather_(self, index: torch.Tensor) -> None:
+        """Rows 0 .. len(index) - 1 := old rows index[k], in place (len(index) <= R). Only
+        the rows that change are written; the source rows are read into a temporary first,
+        so chains and swaps are safe. Rows beyond len(index) keep their contents."""
+        rows = torch.arange(index.numel(), device=index.device)
+        changed = (index != rows).nonzero().squeeze(1)
+        if changed.numel() == 0:
+            return
+        src = index[changed]
+        for t in (*self.keys, *self.values):
+            t[changed] = t[src]
+
+    def resized(self, index: torch.Tensor, slots: int, used: int | None = None) -> SlotCache:
+        """A new cache whose row k is this cache's row index[k], with `slots` slots (the
+        first min(slots, L, used) copied): for growing past the buffers' rows or slots, and
+        for forks."""
+        n = min(slots, self.capacity[1], self.capacity[1] if used is None else used)
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros((index.numel(), t.shape[1], slots, t.shape[3]), dtype=t.dtype,
+                              device=t.device)
+            out[:, :, :n] = t.index_select(0, index)[:, :, :n]
+            return out
+        out = SlotCache([grow(t) for t in self.keys], [grow(t) for t in self.values])
+        out.write = min(self.write, slots)
+        return out
+
+    def load_(self, layers: list[tuple[torch.Tensor, torch.Tensor]], repeat: int) -> None:
+        """Copy a prefill's per-layer (keys, values) [P, H, S, D] into slots 0 .. S - 1, each
+        prompt repeated for `repeat` consecutive rows (prompt-major, as `prefill_many`)."""
+        for (k, v), kb, vb in zip(layers, self.keys, self.values, strict=True):
+            s, n = k.shape[2], k.shape[0] * repeat
+            kb[:n, :, :s] = k.repeat_interleave(repeat, 0)
+            vb[:n, :, :s] = v.repeat_interleave(repeat, 0)

@@ -123,15 +123,17 @@ class LMParticles:
     from its own generator, consuming exactly what it would alone, so a seeded system's tokens
     depend on the batch only through the model's log-probs (bit-identical on batch-invariant
     models such as `FunctionLM`). A model joins systems into a running batch if it has
-    `extend(state, prompts, rows, budget=...)` (llama.cpp, toy models); otherwise systems join
-    only an empty batch.
+    `extend(state, prompts, rows, budget=...)` (llama.cpp, toy models, Transformers' static
+    cache) and does not say `joins_running = False`; otherwise systems join only an empty
+    batch.
     """
 
     def __init__(self, model: LanguageModel) -> None:
         self.model = model
         self.device = model.device
         self.fork_block = 1  # rows are copied with their cache, at any length
-        self.joins_running = callable(getattr(model, "extend", None))
+        self.joins_running = bool(getattr(model, "joins_running",
+                                          callable(getattr(model, "extend", None))))
         self.state: Any = None
         self.logp: torch.Tensor | None = None  # next-token log p of the rows, if computed
         self.pending: torch.Tensor | None = None  # tokens drawn but not yet fed to the model
