@@ -2,15 +2,16 @@
 
 Handlers do only cheap work (auth, body size, JSON, validation, defaults); sampling happens on
 the batcher's worker thread. While a request waits, its handler polls for a client disconnect
-and cancels the work (dropped if still queued, discarded if already running).
+and for its deadline, and cancels the work (dropped if still queued, discarded if already
+running): a disconnect gets nothing, a passed deadline 408.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from powersmc.backends.protocol import LanguageModel
 from powersmc.errors import InputError
-from powersmc.server.batching import Batcher, WorkItem
+from powersmc.server.batching import Batcher, WorkItem, deadline_error
+from powersmc.server.body import read_json
 from powersmc.server.config import ServerConfig
 from powersmc.server.errors import APIError, from_input_error, from_validation_errors
 from powersmc.server.execute import Executor, JobResult
@@ -76,7 +78,7 @@ def create_app(lm: LanguageModel, config: ServerConfig) -> FastAPI:
 async def _answer(request: Request, model_cls: type[BaseModel], config: ServerConfig,
                   batcher: Batcher) -> Response:
     _authorize(request, config)
-    body = await _read_json(request, config.max_body_bytes)
+    body = await read_json(request, config.max_body_bytes)
     try:
         req = model_cls.model_validate(body)
     except ValidationError as exc:
@@ -93,12 +95,21 @@ async def _answer(request: Request, model_cls: type[BaseModel], config: ServerCo
 
 
 async def _wait(request: Request, item: WorkItem, batcher: Batcher) -> JobResult | None:
-    """The job's result; None if the client disconnected first (the work is cancelled)."""
+    """The job's result; None if the client disconnected first, a 408 `APIError` once its
+    deadline passes (in both cases the work is cancelled)."""
     fut = asyncio.wrap_future(item.future)
     try:
         while not fut.done():
-            await asyncio.wait({fut}, timeout=DISCONNECT_POLL_S)
-            if not fut.done() and await request.is_disconnected():
+            wait_s = DISCONNECT_POLL_S
+            if item.deadline is not None:
+                wait_s = max(0.0, min(wait_s, item.deadline - time.monotonic()))
+            await asyncio.wait({fut}, timeout=wait_s)
+            if fut.done():
+                break
+            if item.expired():
+                batcher.cancel(item)
+                raise deadline_error(item)
+            if await request.is_disconnected():
                 batcher.cancel(item)
                 return None
         return fut.result()
@@ -125,38 +136,12 @@ def _authorize(request: Request, config: ServerConfig) -> None:
                        param="Authorization", code="invalid_api_key")
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, read up to `limit` bytes (413 beyond, chunked or not)."""
-    too_big = APIError(413, f"request body larger than {limit} bytes (--max-body-bytes)",
-                       code="body_too_large")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_big
-    data, size = bytearray(), 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        data += chunk
-    try:
-        body = json.loads(bytes(data), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object", code="invalid_json")
-    return body
-
-
 def _error_handlers(app: FastAPI) -> None:
     """Every error leaves as an OpenAI error object."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
         if exc.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)

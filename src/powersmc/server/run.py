@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-particles", type=int, default=64, help="cap on a request's particles")
     g.add_argument("--max-tokens-limit", type=int, default=2048, help="cap on max_tokens")
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size cap")
+    g.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a request not answered within this (queue included) gets 408 and its "
+                   "work is cancelled; a request's 'timeout' field may ask for less "
+                   "(default: no limit)")
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
 
@@ -53,7 +57,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         defaults=defaults, max_particles=args.max_particles,
         max_tokens_limit=args.max_tokens_limit, max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
-        max_body_bytes=args.max_body_bytes, api_key=args.api_key)
+        max_body_bytes=args.max_body_bytes, api_key=args.api_key,
+        request_timeout=args.request_timeout)
 
 
 def load(args: argparse.Namespace):
