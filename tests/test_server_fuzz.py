@@ -19,6 +19,7 @@ import json
 import pytest
 
 pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
 hypothesis = pytest.importorskip("hypothesis")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -18,10 +18,13 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from powersmc.server.errors import APIError
 from powersmc.server.jobs import Job
+
+if TYPE_CHECKING:
+    from powersmc.server.metrics import Metrics
 
 log = logging.getLogger("powersmc.server")
 
@@ -70,8 +73,8 @@ class Batcher:
     or an exception for that job alone; if it raises, every job of the batch gets the error."""
 
     def __init__(self, run_batch: RunBatch, *, max_batch: int, batch_wait_s: float,
-                 max_queue: int) -> None:
-        self.run_batch, self.max_batch = run_batch, max_batch
+                 max_queue: int, metrics: Metrics | None = None) -> None:
+        self.run_batch, self.max_batch, self.metrics = run_batch, max_batch, metrics
         self.batch_wait_s, self.max_queue = batch_wait_s, max_queue
         self._pending: deque[WorkItem] = deque()
         self._cond = threading.Condition()
@@ -168,6 +171,9 @@ class Batcher:
             if not batch:
                 continue
             start = time.monotonic()
+            if self.metrics is not None:
+                for item in batch:
+                    self.metrics.request_started(start - item.enqueued)
             try:
                 outcomes = self.run_batch([item.job for item in batch])
             except Exception as exc:  # one failed batch must not stop the server
