@@ -18,10 +18,13 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from powersmc.server.errors import APIError
 from powersmc.server.jobs import Job
+
+if TYPE_CHECKING:
+    from powersmc.server.metrics import Metrics
 
 log = logging.getLogger("powersmc.server")
 
@@ -30,12 +33,39 @@ RunBatch = Callable[[list[Job]], list[Any]]
 
 @dataclass(eq=False)
 class WorkItem:
-    """A job waiting for (or in) a batch; `future` gets its outcome."""
+    """A job waiting for (or in) a batch; `future` gets its outcome.
+
+    `deadline` (a `time.monotonic()` instant, or None) is when the request's answer stops being
+    wanted (`job.timeout` after submission: its `timeout` field capped by --request-timeout).
+    The HTTP handler answers 408 at that instant and cancels the item; the worker drops an
+    expired item it has not started (`expired()`), and a per-step scheduler should drop its
+    systems at the next step once `cancelled or expired()`.
+    """
 
     job: Job
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        timeout = getattr(self.job, "timeout", None)
+        if self.deadline is None and timeout is not None:
+            self.deadline = self.enqueued + timeout
+
+    def expired(self, now: float | None = None) -> bool:
+        """Whether the deadline has passed."""
+        return self.deadline is not None and (time.monotonic() if now is None else now) \
+            >= self.deadline
+
+
+def deadline_error(item: WorkItem) -> APIError:
+    """The 408 a request gets when its deadline passes before its answer."""
+    timeout = getattr(item.job, "timeout", None)
+    within = f"{timeout:g} s" if timeout is not None else "its deadline"
+    return APIError(408, f"timeout: no answer within the request's deadline ({within}: its "
+                    "'timeout' field, capped by the server's --request-timeout); its work was "
+                    "cancelled", param="timeout", code="request_timeout")
 
 
 class Batcher:
@@ -43,8 +73,8 @@ class Batcher:
     or an exception for that job alone; if it raises, every job of the batch gets the error."""
 
     def __init__(self, run_batch: RunBatch, *, max_batch: int, batch_wait_s: float,
-                 max_queue: int) -> None:
-        self.run_batch, self.max_batch = run_batch, max_batch
+                 max_queue: int, metrics: Metrics | None = None) -> None:
+        self.run_batch, self.max_batch, self.metrics = run_batch, max_batch, metrics
         self.batch_wait_s, self.max_queue = batch_wait_s, max_queue
         self._pending: deque[WorkItem] = deque()
         self._cond = threading.Condition()
@@ -105,13 +135,16 @@ class Batcher:
                 self._cond.wait()
             if self._closed:
                 return None
+            self._drop_expired()
+            if not self._pending:
+                return []
             first = self._pending.popleft()
             batch, size, key = [first], first.job.systems, first.job.batch_key
             deadline = time.monotonic() + self.batch_wait_s
             while key is not None and size < self.max_batch and not self._closed:
                 for item in list(self._pending):
                     fits = size + item.job.systems <= self.max_batch
-                    if item.job.batch_key == key and fits:
+                    if item.job.batch_key == key and fits and not item.expired():
                         self._pending.remove(item)
                         batch.append(item)
                         size += item.job.systems
@@ -122,9 +155,25 @@ class Batcher:
             self.running = len(batch)
             return batch
 
+    def _drop_expired(self) -> None:
+        """Fail the waiting items whose deadline passed (408) instead of starting them."""
+        now = time.monotonic()
+        for item in [i for i in self._pending if i.expired(now)]:
+            self._pending.remove(item)
+            self.stats["expired_waiting"] += 1
+            try:
+                item.future.set_exception(deadline_error(item))
+            except InvalidStateError:
+                pass
+
     def _loop(self) -> None:
         while (batch := self._take_batch()) is not None:
+            if not batch:
+                continue
             start = time.monotonic()
+            if self.metrics is not None:
+                for item in batch:
+                    self.metrics.request_started(start - item.enqueued)
             try:
                 outcomes = self.run_batch([item.job for item in batch])
             except Exception as exc:  # one failed batch must not stop the server

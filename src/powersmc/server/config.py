@@ -6,6 +6,7 @@ anything heavy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,10 @@ class ServerConfig:
     max_queue: most requests waiting to run; more are answered 429.
     max_body_bytes: request bodies above this are answered 413.
     api_key: when set, every /v1 route needs `Authorization: Bearer <api_key>`.
+    request_timeout: seconds a request may take, queue included, before it is answered 408
+        and its work cancelled (a request's `timeout` field may ask for less); None: no limit.
+    shutdown_timeout: on SIGTERM, seconds the requests already admitted may take to finish
+        before the rest are cancelled (503) and the server exits.
     model_name: the id served at /v1/models and accepted in the `model` field.
     """
 
@@ -50,6 +55,8 @@ class ServerConfig:
     max_queue: int = 64
     max_body_bytes: int = 1 << 20
     api_key: str | None = None
+    request_timeout: float | None = None
+    shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         """Check the settings once, with the same messages the samplers use."""
@@ -77,5 +84,12 @@ class ServerConfig:
             raise InputError("--max-new-tokens",
                              f"at most --max-tokens-limit ({self.max_tokens_limit})",
                              d["max_tokens"])
+        if self.request_timeout is not None and not (
+                math.isfinite(self.request_timeout) and self.request_timeout > 0):
+            raise InputError("--request-timeout", "a positive number of seconds",
+                             self.request_timeout)
+        if not (math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0):
+            raise InputError("--shutdown-timeout", "a number of seconds >= 0",
+                             self.shutdown_timeout)
         if self.api_key is not None and not self.api_key.strip():
             raise InputError("--api-key", "a non-empty key", self.api_key)

@@ -15,8 +15,8 @@ from powersmc.errors import InputError
 _FIELD_NAMES = {"max_new_tokens": "max_tokens", "num_samples": "n"}
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-          503: "server_error"}
+          408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          500: "server_error", 503: "server_error"}
 
 
 class APIError(Exception):
@@ -72,6 +72,9 @@ def from_validation_errors(errors: Sequence[Mapping[str, Any]], fields: set[str]
     if kind == "missing":
         return APIError(400, f"{_where(path)}: required field missing", param=param,
                         code="missing_field")
+    if kind == "value_error":  # a field validator's range check: its message says what is allowed
+        message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        return APIError(400, f"{_where(path)}: {message}", param=param, code="invalid_value")
     tags = []
     for e in errors:
         eloc = list(e.get("loc", ()))

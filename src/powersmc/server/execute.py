@@ -19,6 +19,7 @@ from powersmc.results import SampleResult, SMCResult
 from powersmc.server.errors import APIError, from_input_error
 from powersmc.server.jobs import Job
 from powersmc.server.plain import plain_sample
+from powersmc.server.schemas import MAX_SEED
 
 
 @dataclass
@@ -132,7 +133,8 @@ class Executor:
 
     def _single(self, job: Job, ids: list[list[int]]) -> JobResult:
         """A non-SMC job: decoding methods draw n samples in one batch; MH and Scalable Power
-        Sampling run n times. A seeded job's k-th sampler call uses seed + k."""
+        Sampling run n times. A seeded job's k-th sampler call uses seed + k (mod 2^63, so a
+        seed near the top of the allowed range stays one)."""
         start, choices = time.perf_counter(), []
         results: list[SampleResult] = []
         for prompt in ids:
@@ -155,7 +157,7 @@ class Executor:
 
     @staticmethod
     def _seed(job: Job, k: int) -> int | None:
-        return None if job.seed is None else job.seed + k
+        return None if job.seed is None else (job.seed + k) & MAX_SEED
 
     def _decode(self, job: Job, prompt: list[int], seed: int | None) -> SampleResult:
         """n samples in one batch: plain (with its temperature / top_p / top_k), lowtemp or

@@ -21,6 +21,10 @@ from powersmc.server.schemas import ChatRequest, CompletionRequest
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_MH_MOVES = 100  # MH moves per block: each regenerates a suffix
+# alpha beyond this is greedy decoding to float precision; a finite alpha near float32's max
+# (3.4e38) overflows inside the samplers
+MAX_ALPHA = 1000.0
+MAX_RAMP = 1_000_000  # ramp_tokens: longer than any answer already, and safe as a float
 # Method-specific options: where they apply.
 _OPTIONS = {
     "smc": ("particles", "ess_threshold", "resampler", "ramp_tokens", "order"),
@@ -48,6 +52,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    timeout: float | None = None  # seconds until the answer stops being wanted (None: never)
 
     @property
     def systems(self) -> int:
@@ -136,12 +141,15 @@ def _method_options(req, cfg: ServerConfig, method: str) -> dict[str, Any]:
         _check(common.check_positive_int, name, val[name])
     _check(common.check_nonnegative_int, "mh_moves", val["mh_moves"])
     for name, cap in (("num_blocks", cfg.max_tokens_limit), ("horizon", cfg.max_tokens_limit),
-                      ("mh_moves", MAX_MH_MOVES)):
+                      ("mh_moves", MAX_MH_MOVES), ("ramp_tokens", MAX_RAMP)):
         if val[name] > cap:  # each unit is whole decodes: bound one request's work
             raise _bad(name, f"at most {cap} on this server (got {val[name]})")
     if val["candidates"] * val["rollouts"] > cfg.max_particles:
-        raise _bad("rollouts", f"candidates x rollouts at most {cfg.max_particles} on this "
-                   "server (--max-particles)")
+        # name the field the request set (rollouts if both or neither)
+        name = "candidates" if req.candidates is not None and req.rollouts is None \
+            else "rollouts"
+        raise _bad(name, f"candidates x rollouts at most {cfg.max_particles} on this "
+                   f"server (--max-particles) (got {val['candidates']} x {val['rollouts']})")
     return {name: val[name] for name in _OPTIONS[method]}
 
 
@@ -163,6 +171,15 @@ def _prompts(req: CompletionRequest) -> list[Any]:
     return prompts
 
 
+def _timeout(asked: float | None, limit: float | None) -> float | None:
+    """The request's deadline in seconds: its `timeout` field capped by --request-timeout."""
+    if asked is not None and not (math.isfinite(asked) and asked > 0):
+        raise _bad("timeout", f"a positive number of seconds (got {asked!r})")
+    if asked is None or (limit is not None and asked > limit):
+        return limit
+    return float(asked)
+
+
 def resolve(req: CompletionRequest | ChatRequest, cfg: ServerConfig) -> Job:
     """Fill in the server's defaults and check every value; raises `APIError` (4xx)."""
     if req.model is not None and req.model != cfg.model_name:
@@ -171,6 +188,8 @@ def resolve(req: CompletionRequest | ChatRequest, cfg: ServerConfig) -> Job:
     _neutral(req)
     method = _check(check_method, req.method or cfg.defaults["method"])
     alpha = _check(common.check_alpha, cfg.defaults["alpha"] if req.alpha is None else req.alpha)
+    if alpha > MAX_ALPHA:
+        raise _bad("alpha", f"at most {MAX_ALPHA:g} on this server (got {alpha!r})")
     chat = isinstance(req, ChatRequest)
     completion_max = req.max_completion_tokens if isinstance(req, ChatRequest) else None
     max_tokens = req.max_tokens if completion_max is None else completion_max
@@ -179,8 +198,7 @@ def resolve(req: CompletionRequest | ChatRequest, cfg: ServerConfig) -> Job:
     if max_tokens < 1 or max_tokens > cfg.max_tokens_limit:
         raise _bad(name, f"an integer in [1, {cfg.max_tokens_limit}] on this server "
                    f"(got {max_tokens})")
-    if req.seed is not None and req.seed < 0:
-        raise _bad("seed", f"a non-negative integer (got {req.seed})")
+    timeout = _timeout(req.timeout, cfg.request_timeout)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP or any(not s for s in stop):
         raise _bad("stop", f"at most {MAX_STOP} non-empty strings")
@@ -196,9 +214,10 @@ def resolve(req: CompletionRequest | ChatRequest, cfg: ServerConfig) -> Job:
     else:
         prompts = _prompts(req)
     if len(prompts) * req.n > cfg.max_choices:
-        raise _bad("n", f"prompts x n at most {cfg.max_choices} on this server "
-                   f"(got {len(prompts)} x {req.n})")
+        # name what makes it too many: the prompt list when one answer each was asked
+        raise _bad("n" if req.n > 1 else "prompt", f"prompts x n at most {cfg.max_choices} "
+                   f"on this server (got {len(prompts)} x {req.n})")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Job(chat=chat, prompts=prompts, n=req.n, method=method, alpha=alpha,
                max_tokens=max_tokens, seed=req.seed, options=options, stop=stop,
-               stream=req.stream, include_usage=include_usage)
+               stream=req.stream, include_usage=include_usage, timeout=timeout)

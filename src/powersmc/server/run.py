@@ -1,10 +1,12 @@
-"""`powersmc serve`: its command-line options, and start-up (settings checked, model loaded,
-uvicorn started on 127.0.0.1 unless told otherwise)."""
+"""`powersmc serve`: its command-line options, and start-up (settings checked, uvicorn
+started on 127.0.0.1 unless told otherwise, the model loaded in the background meanwhile:
+`/health` answers 503 until it is ready), and the SIGTERM drain."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from powersmc.errors import InputError
@@ -33,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-particles", type=int, default=64, help="cap on a request's particles")
     g.add_argument("--max-tokens-limit", type=int, default=2048, help="cap on max_tokens")
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size cap")
+    g.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a request not answered within this (queue included) gets 408 and its "
+                   "work is cancelled; a request's 'timeout' field may ask for less "
+                   "(default: no limit)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long admitted requests may take to finish before they "
+                   "are cancelled (503); new requests get 503 at once (default: 30)")
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
 
@@ -53,7 +62,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         defaults=defaults, max_particles=args.max_particles,
         max_tokens_limit=args.max_tokens_limit, max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
-        max_body_bytes=args.max_body_bytes, api_key=args.api_key)
+        max_body_bytes=args.max_body_bytes, api_key=args.api_key,
+        request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout)
 
 
 def load(args: argparse.Namespace):
@@ -67,7 +77,8 @@ def load(args: argparse.Namespace):
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Check the settings, load the model, serve until interrupted."""
+    """Check the settings, serve (loading the model in the background) until SIGTERM (drain,
+    exit 0) or SIGINT; a model that fails to load stops the server with its error."""
     config = config_from_args(args)
     try:
         import uvicorn
@@ -76,12 +87,33 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise InputError("serve", "needs the server extra: pip install 'powersmc[serve]'",
                          exc.name) from None
-    lm = load(args)
-    app = create_app(lm, config)
+    def load_model():
+        lm = load(args)
+        print("powersmc serve: model loaded, ready", file=sys.stderr, flush=True)
+        return lm
+
+    app = create_app(None, config, loader=load_model)
+
+    class Server(uvicorn.Server):
+        """uvicorn's server with SIGTERM as a graceful drain instead of a prompt stop."""
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if sig != signal.SIGTERM:
+                super().handle_exit(sig, frame)
+                return
+            # not recorded as a captured signal, so the process exits 0 once drained;
+            # a second SIGTERM cancels what is left at once
+            app.state.drain(then=lambda: setattr(self, "should_exit", True))
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                   log_level=args.log_level,
+                                   limit_concurrency=config.max_queue + config.max_batch + 16,
+                                   timeout_graceful_shutdown=5))
+    app.state.lifecycle.on_fatal = lambda: setattr(server, "should_exit", True)
     print(f"powersmc serve: {config.model_name} on http://{args.host}:{args.port}/v1 "
-          f"(method {config.defaults['method']}, max batch {config.max_batch})",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                limit_concurrency=config.max_queue + config.max_batch + 16,
-                timeout_graceful_shutdown=10)
+          f"(method {config.defaults['method']}, max batch {config.max_batch}); loading the "
+          "model (/health: 503 until ready)", file=sys.stderr, flush=True)
+    server.run()
+    if app.state.lifecycle.error is not None:
+        raise app.state.lifecycle.error
     return 0

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
+MAX_SEED = (1 << 63) - 1  # torch generators take a signed 64-bit seed
+SEED_RANGE = "an integer in [0, 2^63 - 1]"
 
 
 class StreamOptions(BaseModel):
@@ -47,6 +49,7 @@ class _OpenAIFields(PowerOptions):
     seed: int | None = None
     n: int = 1
     stop: str | list[str] | None = None
+    timeout: float | None = None  # seconds; capped by the server's --request-timeout
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -55,6 +58,16 @@ class _OpenAIFields(PowerOptions):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, seed: int | None) -> int | None:
+        """A seed the generators can take: out of range is a 400 naming `seed`, not a failed
+        batch (torch's 'Overflow when unpacking long long')."""
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            got = str(seed) if seed.bit_length() < 128 else f"a {seed.bit_length()}-bit integer"
+            raise ValueError(f"{SEED_RANGE} (got {got})")
+        return seed
 
 
 class CompletionRequest(_OpenAIFields):
