@@ -118,6 +118,9 @@ class _Context:
         self.live = 0
         self.clock = 0
         self.first = np.full(MAX_SEQUENCES, np.inf)  # clock of a sequence's first own write
+        self.own = np.zeros(MAX_SEQUENCES, dtype=np.int64)  # cells a sequence wrote itself
+        self.written = 0  # cells written since the reset (each written token takes one)
+        self.freed = 0  # of those, cells freed again (a released sequence's own writes)
         self.last = np.full(MAX_SEQUENCES, -np.inf)  # clock of the last write it holds
         self.alive = np.zeros(MAX_SEQUENCES, dtype=bool)
 
@@ -128,6 +131,7 @@ class _Context:
         self.live += k
         ids = np.array([self.free.pop() for _ in range(k)], dtype=np.int32)
         self.alive[ids], self.first[ids], self.last[ids] = True, np.inf, -np.inf
+        self.own[ids] = 0
         return ids
 
     def copy(self, src: int, dst: int, p1: int = -1) -> None:
@@ -135,9 +139,11 @@ class _Context:
         self.ll.llama_memory_seq_cp(self.mem, src, dst, 0 if p1 >= 0 else -1, p1)
         self.last[dst] = self.last[src]
 
-    def wrote(self, seqs: np.ndarray) -> None:
-        """Record a decode that wrote one new cell for each of `seqs`."""
+    def wrote(self, seqs: np.ndarray, cells: int = 1) -> None:
+        """Record a decode that wrote `cells` new cells for each of `seqs`."""
         self.clock += 1
+        self.own[seqs] += cells
+        self.written += cells * len(seqs)
         self.first[seqs] = np.minimum(self.first[seqs], self.clock)
         self.last[seqs] = self.clock
 
@@ -150,6 +156,8 @@ class _Context:
         for s in ids.tolist():
             if not self.first[s] > newest:  # its cells may sit below a survivor's: park them
                 self.ll.llama_memory_seq_cp(self.mem, s, self.PARK, -1, -1)
+            else:
+                self.freed += int(self.own[s])
             self.ll.llama_memory_seq_rm(self.mem, s, -1, -1)
             self.free.append(s)
         self.live -= len(ids)
@@ -448,7 +456,7 @@ class LlamaCppLM:
                 b.seq[:n], b.n_seq[:n], b.logits[:n] = seq, 1, 0
                 b.logits[n - 1] = lo + n == ids.size
                 self._decode(ctx, n)
-                ctx.wrote(np.array([seq]))
+                ctx.wrote(np.array([seq]), n)
             ptr = self.ll.llama_get_logits(ctx.ctx)
             last[p] = np.ctypeslib.as_array(ptr, shape=(1, self.vocab_size))[0]
         for p, src in enumerate(first.tolist()):
@@ -474,9 +482,14 @@ class LlamaCppLM:
         new.seqs.ids = new.seqs.ids[:0]  # now held by `state`
         return logp
 
-    def capacity(self, state: LlamaState | None) -> int | None:
-        """KV cells of the state's context (None: sized at the next prefill)."""
-        return state.seqs.ctx.cells if state is not None else self.n_ctx
+    def free_cells(self, state: LlamaState) -> int:
+        """KV cells of the state's context that hold nothing (an upper bound on those in use
+        is counted: every written token takes a cell, and only a released sequence's own
+        writes free any). Cells of dropped particles interleaved with live ones stay parked
+        until the context is idle (see `_Context`), so a long-lived scheduler opens a fresh
+        context when this runs low (`backends.particles.LMParticles`)."""
+        ctx = state.seqs.ctx
+        return ctx.cells - (ctx.written - ctx.freed)
 
     def _feed(self, state: LlamaState, tokens: np.ndarray) -> None:
         """One decode: each row's next token at its own position, logits for every row."""

@@ -110,6 +110,15 @@ class ParticleEngine(Protocol):
         ...
 
 
+@dataclass
+class _Segment:
+    """One model state (on llama.cpp: one context) holding the rows of a run of consecutive
+    live systems."""
+
+    state: Any
+    systems: int  # how many of the live systems, in row order, it holds
+
+
 class LMParticles:
     """`ParticleEngine` over a `LanguageModel`: tokens are drawn here, from its log-probs.
 
@@ -126,6 +135,13 @@ class LMParticles:
     `extend(state, prompts, rows, budget=...)` (llama.cpp, toy models, Transformers' static
     cache) and does not say `joins_running = False`; otherwise systems join only an empty
     batch.
+
+    Bounded memory on a fixed-size cache (llama.cpp): a model with `free_cells(state)` is
+    asked whether a joining system's prompt and tokens fit beside what the state holds and
+    what its live systems may still write; if not, the system opens a new segment (a fresh
+    context) and the old one takes no new system: it drains as its systems finish and is
+    freed, parked cells and all, when empty. A step then makes one forward per segment (two
+    while one drains).
     """
 
     def __init__(self, model: LanguageModel) -> None:
@@ -134,26 +150,22 @@ class LMParticles:
         self.fork_block = 1  # rows are copied with their cache, at any length
         self.joins_running = bool(getattr(model, "joins_running",
                                           callable(getattr(model, "extend", None))))
-        self.state: Any = None
+        self.segments: list[_Segment] = []
         self.logp: torch.Tensor | None = None  # next-token log p of the rows, if computed
         self.pending: torch.Tensor | None = None  # tokens drawn but not yet fed to the model
         self.specs: list[DrawSpec] = []  # per live system, in row order
         self.counts: list[int] = []  # rows per live system
-        self.budgets: list[int] = []  # prompt + generated-token budget per live system
+        self.left: list[int] = []  # cells a live system may still write (prompt + budget)
         self.joining: list[tuple[list[int], int, DrawSpec, int]] = []
         self.alphas: torch.Tensor | None = None  # per-row exponent of the last draw
 
+    @property
+    def state(self) -> Any:
+        """The model state of the newest segment (None when the batch is empty)."""
+        return self.segments[-1].state if self.segments else None
+
     def room(self, prompt_len: int, rows: int, budget: int) -> bool:
-        if not self.counts and not self.joining:
-            return True
-        if not self.joins_running:
-            return False
-        capacity = getattr(self.model, "capacity", None)
-        cells = capacity(self.state) if callable(capacity) and self.state is not None else None
-        if cells is None:
-            return True
-        held = sum(self.budgets) + sum(len(p) + b for p, _, _, b in self.joining)
-        return held + prompt_len + budget <= cells
+        return not (self.counts or self.joining) or self.joins_running
 
     def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int) -> None:
         self.joining.append(([int(i) for i in prompt], rows, spec, budget))
@@ -162,9 +174,11 @@ class LMParticles:
         parts = []
         if self.pending is not None:
             with record_function("powersmc.forward"):
-                parts.append(self.model.step(self.state, self.pending))
-        elif self.logp is not None:
-            parts.append(self.logp)
+                lo = 0
+                for seg, rows in zip(self.segments, self._segment_rows(), strict=True):
+                    parts.append(self.model.step(seg.state, self.pending[lo : lo + rows]))
+                    lo += rows
+            self.left = [max(x - c, 0) for x, c in zip(self.left, self.counts, strict=True)]
         if self.joining:
             with record_function("powersmc.prefill"):
                 parts += self._prefill()
@@ -182,19 +196,39 @@ class LMParticles:
         return draw
 
     def _prefill(self) -> list[torch.Tensor]:
-        """Evaluate the joining systems' prompts into the running state (logp per system)."""
+        """Evaluate the joining systems' prompts into the newest segment, or a new one when
+        the model's cache cannot take them (logp per system)."""
         out = []
-        for prompt, rows, spec, budget in self.joining:
-            if self.state is None:  # size a fixed cache for everything that is joining
-                total = sum(b + len(p) for p, _, _, b in self.joining)
-                self.state, logp = self.model.prefill_many([prompt], rows, budget=total)
+        for k, (prompt, rows, spec, budget) in enumerate(self.joining):
+            need = len(prompt) + budget
+            if not self.segments or not self._fits(need):
+                size = sum(len(p) + b for p, _, _, b in self.joining[k:]) + sum(self.left)
+                state, logp = self.model.prefill_many([prompt], rows, budget=2 * size)
+                self.segments.append(_Segment(state, 0))
             else:
-                logp = self.model.extend(self.state, [prompt], rows, budget=budget)
+                logp = self.model.extend(self.segments[-1].state, [prompt], rows, budget=budget)
+            self.segments[-1].systems += 1
             out.append(logp)
             self.specs.append(spec)
             self.counts.append(rows)
-            self.budgets.append(len(prompt) + budget)
+            self.left.append(need)
         self.joining = []
+        return out
+
+    def _fits(self, need: int) -> bool:
+        """Whether the newest segment's cache holds `need` more cells beside what its live
+        systems may still write (always, for a model without a fixed-size cache)."""
+        free = getattr(self.model, "free_cells", None)
+        if not callable(free):
+            return True
+        seg = self.segments[-1]
+        return free(seg.state) - sum(self.left[len(self.left) - seg.systems:]) >= need
+
+    def _segment_rows(self) -> list[int]:
+        out, k = [], 0
+        for seg in self.segments:
+            out.append(sum(self.counts[k : k + seg.systems]))
+            k += seg.systems
         return out
 
     def redraw(self, rows: torch.Tensor) -> Draw:
@@ -209,24 +243,37 @@ class LMParticles:
 
     def reorder(self, index: torch.Tensor, counts: Sequence[int],
                 last: torch.Tensor | None = None) -> None:
-        assert self.pending is not None
+        if self.pending is None:
+            raise RuntimeError("LMParticles.reorder before the first advance")
         n = self.pending.shape[0]
         if index.shape[0] != n or not torch.equal(index, torch.arange(n, device=index.device)):
-            self.model.reorder(self.state, index)
+            lo_old, lo_new, k, segments = 0, 0, 0, []
+            for seg, rows in zip(self.segments, self._segment_rows(), strict=True):
+                new_rows = sum(int(c) for c in counts[k : k + seg.systems])
+                kept = sum(int(c) > 0 for c in counts[k : k + seg.systems])
+                k += seg.systems
+                if new_rows:  # a segment's rows only ever copy rows of the same segment
+                    sub = index[lo_new : lo_new + new_rows] - lo_old
+                    if sub.shape[0] != rows or not torch.equal(
+                            sub, torch.arange(rows, device=sub.device)):
+                        self.model.reorder(seg.state, sub)
+                    segments.append(_Segment(seg.state, kept))
+                lo_old, lo_new = lo_old + rows, lo_new + new_rows
+            self.segments = segments  # an empty segment is dropped, its cache freed
             self.pending = self.pending[index]
             self.logp = None  # recomputed by the next forward
         if last is not None:
             self.pending = last
         keep = [k for k, c in enumerate(counts) if c > 0]
         self.specs = [self.specs[k] for k in keep]
-        self.budgets = [self.budgets[k] for k in keep]
+        self.left = [self.left[k] for k in keep]
         self.counts = [int(counts[k]) for k in keep]
-        if not self.counts:  # the batch is empty: forget the state (and free its cache)
-            self.state = self.logp = self.pending = None
+        if not self.counts:  # the batch is empty
+            self.segments, self.logp, self.pending = [], None, None
 
     def close(self) -> None:
-        self.state = self.logp = self.pending = None
-        self.specs, self.counts, self.budgets, self.joining = [], [], [], []
+        self.segments, self.logp, self.pending = [], None, None
+        self.specs, self.counts, self.left, self.joining = [], [], [], []
 
     def _row_system(self) -> list[int]:
         return [k for k, c in enumerate(self.counts) for _ in range(c)]

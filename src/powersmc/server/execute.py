@@ -14,7 +14,8 @@ from typing import Any
 from powersmc.backends.protocol import LanguageModel
 from powersmc.errors import InputError
 from powersmc.methods.common import encode_prompt
-from powersmc.methods.registry import run_method, run_smc_many
+from powersmc.methods.registry import run_method, smc_options
+from powersmc.methods.smc import smc_sample_many
 from powersmc.results import SampleResult, SMCResult
 from powersmc.server.errors import APIError, from_input_error
 from powersmc.server.jobs import Job
@@ -116,8 +117,9 @@ class Executor:
         seed = head.seed if len(jobs) == 1 else None
         # a backend with a row limit (llama.cpp: 255 sequences) runs the systems in chunks
         # inside smc_sample_many, on the one seeded generator
-        results = run_smc_many(self.lm, flat, alpha=head.alpha, max_new_tokens=head.max_tokens,
-                               seed=seed, **head.options)
+        results = smc_sample_many(self.lm, flat, alpha=head.alpha,
+                                  max_new_tokens=head.max_tokens, seed=seed,
+                                  **smc_options(head.options))
         out, k = [], 0
         for job, prompts in zip(jobs, ids, strict=True):
             mine: list[SMCResult] = results[k: k + job.systems]
