@@ -63,6 +63,15 @@ class EchoLM(FunctionLM):
             raise RuntimeError("boom: a failure inside the batch")
         return super().prefill_many(prompts, rows, **kw)
 
+    def extend(self, state, prompts, rows, **kw):  # a request joining the running batch
+        texts = [self.decode(p) for p in prompts]
+        self.seen.extend(texts)
+        if not self.gate.wait(timeout=30):
+            raise TimeoutError("test gate never opened")
+        if any("boom" in t for t in texts):
+            raise RuntimeError("boom: a failure inside the batch")
+        return super().extend(state, prompts, rows, **kw)
+
     def prefill(self, prompt_ids, rows, **kw):
         return self.prefill_many([prompt_ids], rows, **kw)
 

@@ -283,7 +283,9 @@ def _block_worker(url: str, lm: EchoLM) -> tuple[threading.Thread, list]:
     return t, out
 
 
-def test_concurrent_compatible_requests_share_one_batch_and_get_their_own_answers(gated):
+def test_concurrent_requests_with_different_settings_share_the_running_batch(gated):
+    """Continuous batching: requests with other alphas (and seeds) join the batch that is
+    already running, each gets its own answer with its own settings."""
     url, lm = gated
     blocker, _ = _block_worker(url, lm)
     prompts = {"alpha": ["aa", "bbb"], "beta": ["cccc", "dd"]}
@@ -294,12 +296,13 @@ def test_concurrent_compatible_requests_share_one_batch_and_get_their_own_answer
     lm.gate.set()
     for t in [blocker, *threads]:
         t.join(30)
+    shared = []
     for prompt, (r,) in results.items():
         body = r.json()
         assert body["choices"][0]["text"] == prompt.upper()
-        # two alphas: two batches of two requests, never mixed
-        assert body["powersmc"]["batch_requests"] == 2
+        shared.append(body["powersmc"]["batch_requests"])
         assert body["powersmc"]["alpha"] == (2.0 if prompt in prompts["alpha"] else 4.0)
+    assert max(shared) >= 4  # both alphas and the seeded blocker in one batch
 
 
 def test_full_queue_answers_429_and_recovers(gated):

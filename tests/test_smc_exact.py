@@ -142,14 +142,19 @@ def test_several_prompts_in_one_batch_are_each_exact():
 
 
 def _batched_runs(lm, runs, batch=500, seed0=0, **kw):
-    """`runs` independent Power-SMC runs, `batch` at a time as independent particle systems of
-    one `smc_sample_many` call (each system is an exact run; see the test above)."""
-    from powersmc import smc_sample_many
+    """`runs` independent Power-SMC runs, `batch` at a time as independent particle systems in
+    one `Scheduler` batch, run k seeded seed0 + k: each run is then exactly
+    `smc_sample(..., seed=seed0 + k)` (each system has its own generator; FunctionLM is
+    batch-invariant), the per-run tests' convention."""
+    from powersmc import Scheduler
 
     out = []
     for k in range(0, runs, batch):
-        out += smc_sample_many(lm, [PROMPT] * min(batch, runs - k), alpha=ALPHA,
-                               max_new_tokens=HORIZON, seed=seed0 + k, **kw)
+        sched = Scheduler(lm)
+        handles = [sched.submit(PROMPT, alpha=ALPHA, max_new_tokens=HORIZON, seed=seed0 + j,
+                                **kw) for j in range(k, min(k + batch, runs))]
+        sched.run()
+        out += [h.result() for h in handles]
     return out
 
 

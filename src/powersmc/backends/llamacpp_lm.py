@@ -488,8 +488,12 @@ class LlamaCppLM:
         writes free any). Cells of dropped particles interleaved with live ones stay parked
         until the context is idle (see `_Context`), so a long-lived scheduler opens a fresh
         context when this runs low (`backends.particles.LMParticles`)."""
+        return state.seqs.ctx.cells - self.cells_in_use(state)
+
+    def cells_in_use(self, state: LlamaState) -> int:
+        """Cells of the state's context written and not freed since it was last reset."""
         ctx = state.seqs.ctx
-        return ctx.cells - (ctx.written - ctx.freed)
+        return ctx.written - ctx.freed
 
     def _feed(self, state: LlamaState, tokens: np.ndarray) -> None:
         """One decode: each row's next token at its own position, logits for every row."""

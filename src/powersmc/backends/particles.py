@@ -157,6 +157,7 @@ class LMParticles:
         self.counts: list[int] = []  # rows per live system
         self.left: list[int] = []  # cells a live system may still write (prompt + budget)
         self.joining: list[tuple[list[int], int, DrawSpec, int]] = []
+        self.failed: list[tuple[int, Exception]] = []  # joiners whose prefill failed
         self.alphas: torch.Tensor | None = None  # per-row exponent of the last draw
 
     @property
@@ -171,6 +172,8 @@ class LMParticles:
         self.joining.append(([int(i) for i in prompt], rows, spec, budget))
 
     def advance(self, alphas: Sequence[float]) -> Draw:
+        """See `ParticleEngine.advance`; a joining system whose prompt fails to evaluate is
+        left out (listed in `failed` with its error, by its place among the joiners)."""
         parts = []
         if self.pending is not None:
             with record_function("powersmc.forward"):
@@ -179,9 +182,16 @@ class LMParticles:
                     parts.append(self.model.step(seg.state, self.pending[lo : lo + rows]))
                     lo += rows
             self.left = [max(x - c, 0) for x, c in zip(self.left, self.counts, strict=True)]
+        joiners, self.failed = len(self.joining), []
         if self.joining:
             with record_function("powersmc.prefill"):
                 parts += self._prefill()
+        if self.failed:  # the failed joiners have no rows: drop their exponents
+            gone = {len(alphas) - joiners + k for k, _ in self.failed}
+            alphas = [a for i, a in enumerate(alphas) if i not in gone]
+        if not parts:  # nothing runs: every system was a joiner whose prompt failed
+            empty = torch.zeros(0, dtype=torch.float64, device=self.device)
+            return Draw(torch.zeros(0, dtype=torch.long, device=self.device), empty, empty, empty)
         logp = parts[0] if len(parts) == 1 else torch.cat(parts)
         if any(s.truncating for s in self.specs):  # top-k / top-p: the truncated model
             lo = 0
@@ -199,14 +209,20 @@ class LMParticles:
         """Evaluate the joining systems' prompts into the newest segment, or a new one when
         the model's cache cannot take them (logp per system)."""
         out = []
+        self.failed = []
         for k, (prompt, rows, spec, budget) in enumerate(self.joining):
             need = len(prompt) + budget
-            if not self.segments or not self._fits(need):
-                size = sum(len(p) + b for p, _, _, b in self.joining[k:]) + sum(self.left)
-                state, logp = self.model.prefill_many([prompt], rows, budget=2 * size)
-                self.segments.append(_Segment(state, 0))
-            else:
-                logp = self.model.extend(self.segments[-1].state, [prompt], rows, budget=budget)
+            try:
+                if not self.segments or not self._fits(need):
+                    size = sum(len(p) + b for p, _, _, b in self.joining[k:]) + sum(self.left)
+                    state, logp = self.model.prefill_many([prompt], rows, budget=2 * size)
+                    self.segments.append(_Segment(state, 0))
+                else:
+                    extend = self.model.extend  # type: ignore[attr-defined]  # joins_running
+                    logp = extend(self.segments[-1].state, [prompt], rows, budget=budget)
+            except Exception as exc:  # noqa: BLE001 - this system alone does not join
+                self.failed.append((k, exc))
+                continue
             self.segments[-1].systems += 1
             out.append(logp)
             self.specs.append(spec)
@@ -305,13 +321,14 @@ class LMParticles:
             if u is None:
                 assert spec is not None
                 u = _uniforms(logp.shape[0], spec.generator)
-            a = alpha_t if isinstance(alpha_t, torch.Tensor) else torch.full(
+            rows_alpha = alpha_t if isinstance(alpha_t, torch.Tensor) else torch.full(
                 (logp.shape[0],), float(alpha_t), dtype=torch.float64)
-            tok, log_norm = sample_tempered(logp, a.to(logp.device), u.to(logp.device))
+            tok, log_norm = sample_tempered(logp, rows_alpha.to(logp.device), u.to(logp.device))
             lp = logp.gather(1, tok[:, None]).squeeze(1).double()
             return Draw(tok, lp, log_norm, log_norm)
         a = float(alpha_t)
         if spec.proposal is None:
+            assert spec.tau is not None
             inv_tau = 1.0 / spec.tau
             tok, log_norm = sample_tempered(logp, inv_tau, _uniforms(logp.shape[0],
                                                                       spec.generator))

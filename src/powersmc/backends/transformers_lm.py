@@ -273,8 +273,7 @@ class TransformersLM:
             cache.batch_repeat_interleave(rows)
         if attn is not None:
             attn = attn.repeat_interleave(rows, 0)
-        state = HFState(cache, width, width, total, attn, pad)
-        return state, logp.repeat_interleave(rows, 0)
+        return HFState(cache, width, width, total, attn, pad), logp.repeat_interleave(rows, 0)
 
     def _static_state(self, dyn: Any, width: int, total: int, rows: int, slots: int,
                       mask: torch.Tensor | None, pad: torch.Tensor | None) -> StaticState:
@@ -373,9 +372,10 @@ class TransformersLM:
         ids[:n, 0] = tokens
         c.pos.fill_(t)
         state.mask[:, t] = True
-        pos = (t - state.pad).view(-1, 1)
+        pos = (t - state.pad).view(-1, 1) if state.pad is not None else torch.full(
+            (rows, 1), t, dtype=torch.long, device=self.device)
         if self._compiled is None:
-            self._compiled = torch.compile(self._decode, **self.compile_options)
+            self._compiled = torch.compile(self._decode, **(self.compile_options or {}))
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         try:
@@ -463,6 +463,7 @@ class TransformersLM:
             raise InputError("state", "a static-cache state (cache='static') to admit into",
                              type(state).__name__)
         sub, logp = self.prefill_many(prompts, rows, budget=budget)
+        assert isinstance(sub, StaticState)  # this model is on the static path
         if state.compiled:
             self._detach(state)
         old, new, c = state.rows, sub.rows, state.cache
@@ -517,5 +518,5 @@ class TransformersLM:
         cache = copy.deepcopy(state.cache)
         if length < state.length:
             cache.crop(length - state.length)
-        mask = None if state.mask is None else state.mask[:, :length].clone()
-        return HFState(cache, length, state.prompt_len, state.rows, mask, state.pad)
+        hf_mask = None if state.mask is None else state.mask[:, :length].clone()
+        return HFState(cache, length, state.prompt_len, state.rows, hf_mask, state.pad)

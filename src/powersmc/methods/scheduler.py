@@ -168,7 +168,7 @@ class _System:
         self.handle, self.part, self.prompt_ids, self.o = handle, part, prompt_ids, opts
         self.gen, self.seed, self.eos = gen, seed, eos
         n, T = opts.n, opts.T
-        f64 = dict(dtype=torch.float64, device=dev)
+        f64: dict[str, Any] = dict(dtype=torch.float64, device=dev)
         self.tokens = torch.zeros((n, T), dtype=torch.long, device=dev)
         self.log_w = torch.zeros((1, n), **f64)
         self.log_p_seq = torch.zeros(n, **f64)  # log p(y_{1:t}) per particle, for the bridge
@@ -349,6 +349,7 @@ class Scheduler:
         self.waiting: deque[_System] = deque()
         self.live: list[_System] = []
         self.steps = 0
+        self._joined: list[_System] = []  # admitted, not yet through their first step
         self._lock = threading.Lock()
         self._bar = tqdm(desc="power-smc", unit="answer", total=0, disable=not progress,
                          leave=False)
@@ -383,6 +384,15 @@ class Scheduler:
     def live_rows(self) -> int:
         return sum(s.rows for s in self.live)
 
+    def cache_in_use(self) -> int | None:
+        """KV cells the engine's states hold (llama.cpp: written and not freed, parked cells
+        included); None for an engine that does not count them."""
+        used = getattr(self.model, "cells_in_use", None)
+        segments = getattr(self.engine, "segments", None)
+        if not callable(used) or segments is None:
+            return None
+        return sum(used(s.state) for s in segments)
+
     @property
     def idle(self) -> bool:
         return not self.live and not self.waiting
@@ -394,19 +404,33 @@ class Scheduler:
         while not self.idle:
             self.step()
 
+    def admit(self) -> None:
+        """Retire cancelled systems and admit waiting ones now (`step` does this first; a
+        server calls it before a step to report what the step will run)."""
+        self._drop_cancelled()
+        self._joined += self._admit()
+
     def step(self) -> None:
         """Admit waiting systems, draw one token for every live particle, retire the done."""
-        self._drop_cancelled()
-        self._admit()
+        self.admit()
+        joined, self._joined = self._joined, []
         if not self.live:
             return
-        live = self.live
         try:
-            alphas = [s.next_alpha() for s in live]
-            draw = self.engine.advance(alphas)
+            draw = self.engine.advance([s.next_alpha() for s in self.live])
         except Exception as exc:  # the batch's pass failed: every live system fails with it
             self._fail_all(exc)
             return
+        failed = getattr(self.engine, "failed", None) or []
+        for k, error in failed:  # a joiner whose prompt failed: that request alone fails
+            joined[k].handle._fail(error)
+        if failed:
+            gone = {id(joined[k]) for k, _ in failed}
+            self.live = [s for s in self.live if id(s) not in gone]
+            if not self.live:
+                return
+        live = self.live
+        alphas = [s.next_alpha() for s in live]
         self.steps += 1
         bounds = np.cumsum([0] + [s.rows for s in live])
         with record_function("powersmc.weights"):
@@ -450,7 +474,9 @@ class Scheduler:
 
     # --- internals ------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[_System]:
+        """Move waiting systems into the batch while they fit; returns those admitted."""
+        joined: list[_System] = []
         with self._lock:
             rows, systems = self.live_rows, len(self.live)
             while self.waiting:
@@ -467,18 +493,22 @@ class Scheduler:
                 self.engine.admit(s.prompt_ids, o.n, spec, budget=o.n * o.T)
                 s.started = time.perf_counter()
                 self.live.append(s)
+                joined.append(s)
                 rows, systems = rows + o.n, systems + 1
+        return joined
 
     def _drop_cancelled(self) -> None:
         with self._lock:
             for s in [s for s in self.waiting if s.handle.cancelled]:
                 self.waiting.remove(s)
                 s.handle._fail(Cancelled())
-        gone = [s.handle.cancelled or s.handle.done for s in self.live]
+        # systems admitted but not yet stepped hold no rows yet: they leave after one step
+        running = self.live[: len(self.live) - len(self._joined)]
+        gone = [s.handle.cancelled or s.handle.done for s in running]
         if not any(gone):
             return
         index, counts, row = [], [], 0
-        for s, g in zip(self.live, gone, strict=True):
+        for s, g in zip(running, gone, strict=True):
             if not g:
                 index.append(np.arange(row, row + s.rows))
             else:
@@ -487,7 +517,7 @@ class Scheduler:
             row += s.rows
         self.engine.reorder(torch.from_numpy(np.concatenate(index + [np.zeros(0, np.int64)]))
                             .to(self.engine.device), counts)
-        self.live = [s for s, g in zip(self.live, gone, strict=True) if not g]
+        self.live = [s for s, g in zip(running, gone, strict=True) if not g] + self._joined
 
     def _retire(self, s: _System) -> None:
         try:
@@ -499,7 +529,7 @@ class Scheduler:
     def _fail_all(self, exc: BaseException) -> None:
         for s in self.live:
             s.handle._fail(exc)
-        self.live = []
+        self.live, self._joined = [], []
         self.engine.close()
 
 

@@ -25,6 +25,7 @@ before the draw and copies of a particle draw their own next tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import InputError
@@ -137,7 +138,7 @@ def smc_sample_many(
         raise InputError("prompts", "a non-empty list of prompts", prompts)
     _, seed = make_generator(seed, model.device)
     sched = Scheduler(model, progress=progress)
-    options = dict(alpha=alpha, particles=particles, ess_threshold=ess_threshold,
+    options: dict[str, Any] = dict(alpha=alpha, particles=particles, ess_threshold=ess_threshold,
                    resampler=resampler, ramp_tokens=ramp_tokens, alpha_schedule=alpha_schedule,
                    max_new_tokens=max_new_tokens, tau=tau, proposal=proposal, top_k=top_k,
                    top_p=top_p, order=order, resample_align=resample_align, rounds=rounds,

@@ -1,9 +1,11 @@
-"""The FastAPI application: OpenAI-compatible routes in front of one `Batcher`.
+"""The FastAPI application: OpenAI-compatible routes in front of one worker.
 
 Handlers do only cheap work (auth, body size, JSON, validation, defaults); sampling happens on
-the batcher's worker thread. While a request waits, its handler polls for a client disconnect
-and for its deadline, and cancels the work (dropped if still queued, discarded if already
-running): a disconnect gets nothing, a passed deadline 408.
+the worker thread: by default `worker.StepWorker`, which steps a `Scheduler` so that every SMC
+request joins the running batch at the next token (`--batching windowed`: the earlier
+`batching.Batcher`). While a request waits, its handler polls for a client disconnect and for
+its deadline, and cancels the work (its systems leave the batch at the next step; the windowed
+batcher only drops it if still queued): a disconnect gets nothing, a passed deadline 408.
 
 Operations: `GET /health` (200 when ready, 503 while the model loads, after it failed to load,
 or while draining), `GET /metrics` (Prometheus text, see `metrics.py`), and `drain` on the
@@ -38,6 +40,7 @@ from powersmc.server.lifecycle import Lifecycle
 from powersmc.server.metrics import Metrics, MetricsMiddleware, instrument
 from powersmc.server.responses import response_body, stream_events
 from powersmc.server.schemas import ChatRequest, CompletionRequest, field_names
+from powersmc.server.worker import StepWorker
 
 log = logging.getLogger("powersmc.server")
 DISCONNECT_POLL_S = 0.1
@@ -60,9 +63,14 @@ def create_app(lm: LanguageModel | None, config: ServerConfig, *,
     def run_batch(jobs: list[Any]) -> list[Any]:
         return executor[0].run(jobs)
 
-    batcher = Batcher(instrument(run_batch, metrics), max_batch=config.max_batch,
-                      batch_wait_s=config.batch_wait_ms / 1000, max_queue=config.max_queue,
-                      metrics=metrics)
+    batcher: Batcher | StepWorker
+    if config.batching == "continuous":
+        batcher = StepWorker(lambda: executor[0], max_systems=config.max_batch,
+                             max_queue=config.max_queue, metrics=metrics)
+    else:
+        batcher = Batcher(instrument(run_batch, metrics), max_batch=config.max_batch,
+                          batch_wait_s=config.batch_wait_ms / 1000, max_queue=config.max_queue,
+                          metrics=metrics)
     metrics.track_requests(running=lambda: batcher.running, waiting=batcher.queued)
 
     def loaded(model: LanguageModel) -> None:
@@ -137,7 +145,7 @@ def create_app(lm: LanguageModel | None, config: ServerConfig, *,
 
 async def _answer(request: Request, model_cls: type[BaseModel], app: FastAPI) -> Response:
     config: ServerConfig = app.state.config
-    batcher: Batcher = app.state.batcher
+    batcher: Batcher | StepWorker = app.state.batcher
     lifecycle: Lifecycle = app.state.lifecycle
     _authorize(request, config)
     lifecycle.check()  # refused before reading the body (and again when admitted)
@@ -157,7 +165,7 @@ async def _answer(request: Request, model_cls: type[BaseModel], app: FastAPI) ->
     return JSONResponse(response_body(job, result, config.model_name))
 
 
-async def _wait(request: Request, item: WorkItem, batcher: Batcher,
+async def _wait(request: Request, item: WorkItem, batcher: Batcher | StepWorker,
                 metrics: Metrics) -> JobResult | None:
     """The job's result; None if the client disconnected first, a 408 `APIError` once its
     deadline passes (in both cases the work is cancelled)."""

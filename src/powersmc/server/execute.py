@@ -110,28 +110,34 @@ class Executor:
         return outcomes  # type: ignore[return-value]
 
     def _smc(self, jobs: list[Job], ids: list[list[list[int]]]) -> list[JobResult]:
-        """All jobs' particle systems in one `smc_sample_many` batch (equal batch keys)."""
+        """All jobs' particle systems in one `smc_sample_many` batch (equal batch keys; the
+        windowed batcher's path)."""
         head = jobs[0]
         flat = [p for job, prompts in zip(jobs, ids, strict=True) for p in prompts
                 for _ in range(job.n)]
         seed = head.seed if len(jobs) == 1 else None
-        # a backend with a row limit (llama.cpp: 255 sequences) runs the systems in chunks
-        # inside smc_sample_many, on the one seeded generator
         results = smc_sample_many(self.lm, flat, alpha=head.alpha,
                                   max_new_tokens=head.max_tokens, seed=seed,
                                   **smc_options(head.options))
         out, k = [], 0
         for job, prompts in zip(jobs, ids, strict=True):
-            mine: list[SMCResult] = results[k: k + job.systems]
+            out.append(self.smc_result(job, prompts, results[k: k + job.systems], len(jobs),
+                                       len(flat)))
             k += job.systems
-            info = self._info(job, mine[0], len(jobs), len(flat),
-                              sum(r.cost.token_evals for r in mine))
-            info |= {"particles": head.options["particles"],
-                     "log_z": [r.log_z for r in mine],
-                     "resample_steps": [list(r.resample_steps) for r in mine]}
-            choices = [self._choice(job, r.token_ids, r.text, r.finished) for r in mine]
-            out.append(JobResult(choices, sum(map(len, prompts)), info))
         return out
+
+    def smc_result(self, job: Job, ids: list[list[int]], results: list[SMCResult],
+                   batch_requests: int, batch_systems: int) -> JobResult:
+        """A Power-SMC job's answer from its systems' results (prompt-major, n per prompt)."""
+        info = self._info(job, results[0], batch_requests, batch_systems,
+                          sum(r.cost.token_evals for r in results))
+        if job.seed is None and len(results) > 1:  # each system drew its own seed
+            info["seed"] = None
+        info |= {"particles": job.options["particles"], "log_z": [r.log_z for r in results],
+                 "resample_steps": [list(r.resample_steps) for r in results],
+                 "seconds": max(r.cost.seconds for r in results)}
+        choices = [self._choice(job, r.token_ids, r.text, r.finished) for r in results]
+        return JobResult(choices, sum(map(len, ids)), info)
 
     def _single(self, job: Job, ids: list[list[int]]) -> JobResult:
         """A non-SMC job: decoding methods draw n samples in one batch; MH and Scalable Power

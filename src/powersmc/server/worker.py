@@ -1,0 +1,236 @@
+"""The worker thread on a `Scheduler`: every Power-SMC request joins the running batch at the
+next token, and abandoned work leaves it at the next token.
+
+HTTP handlers `submit` work items and wait on their futures; this thread alone calls the model.
+Each loop: hand every newly submitted request to the scheduler (its prompts x n particle
+systems, each with its own settings and generator: a seeded request's systems are seeded as
+`smc_sample_many` seeds its prompts (`scheduler.system_seed`), so it reproduces, and equals
+the library's answer, whatever shares the batch, up to the last float bits of a batched
+forward on real backends), cancel the systems of requests whose client went away, whose
+deadline passed or that a shutdown gave up, step the scheduler once (one token for every live
+particle of every request), and answer the requests whose systems are all done. Requests
+for the other methods (plain, low-temperature, greedy, best-of-N, MH, Scalable Power Sampling)
+run whole, one at a time, between two steps: the batch pauses while they run.
+
+Same interface as the windowed `Batcher` (`--batching windowed`), which is kept for
+comparison in `benchmarks/serve_load.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import InvalidStateError
+from typing import TYPE_CHECKING, Any
+
+from powersmc.errors import InputError
+from powersmc.methods.registry import smc_options
+from powersmc.methods.scheduler import Cancelled, Handle, Scheduler, system_seed
+from powersmc.server.batching import WorkItem, deadline_error
+from powersmc.server.errors import APIError, from_input_error
+from powersmc.server.jobs import Job
+
+if TYPE_CHECKING:
+    from powersmc.server.execute import Executor
+    from powersmc.server.metrics import Metrics
+
+log = logging.getLogger("powersmc.server")
+
+
+class StepWorker:
+    """Bounded queue + one worker thread stepping a `Scheduler` (see the module docstring).
+
+    max_systems: most particle systems in the batch at once (`--max-batch`); more wait in the
+    scheduler, in arrival order. max_queue: most requests not yet started; more get 429."""
+
+    def __init__(self, executor: Callable[[], Executor], *, max_systems: int, max_queue: int,
+                 metrics: Metrics | None = None) -> None:
+        self.executor, self.max_systems, self.max_queue = executor, max_systems, max_queue
+        self.metrics = metrics
+        self.sched: Scheduler | None = None
+        self._pending: deque[WorkItem] = deque()
+        self._live: dict[WorkItem, tuple[list[Handle], list[list[int]], float]] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.stats: Counter[str] = Counter()
+
+    @property
+    def running(self) -> int:
+        """Requests whose systems are in the scheduler (in the batch or waiting for rows)."""
+        return len(self._live)
+
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="powersmc-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work; what is waiting or running gets 503 and its systems leave."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> WorkItem:
+        """Enqueue `job`; raises a 429 `APIError` when the queue is full (503 when closed)."""
+        item = WorkItem(job)
+        with self._cond:
+            if self._closed:
+                raise APIError(503, "the server is shutting down", code="shutting_down")
+            if len(self._pending) >= self.max_queue:
+                self.stats["rejected_queue_full"] += 1
+                raise APIError(429, f"the queue is full ({self.max_queue} requests waiting); "
+                               "retry later", code="queue_full")
+            self._pending.append(item)
+            self.stats["submitted"] += 1
+            self._cond.notify_all()
+        return item
+
+    def cancel(self, item: WorkItem) -> None:
+        """The answer is no longer wanted: its systems leave the batch at the next step."""
+        with self._cond:
+            item.cancelled = True
+            if item in self._pending:
+                self._pending.remove(item)
+                self.stats["cancelled_waiting"] += 1
+            self._cond.notify_all()
+        item.future.cancel()
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        self.sched = Scheduler(self.executor().lm, max_systems=self.max_systems)
+        while True:
+            with self._cond:
+                while not (self._closed or self._pending or self._live):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                new, self._pending = list(self._pending), deque()
+            for item in new:
+                self._admit(item)
+            self._drop_abandoned()
+            if not self.sched.idle:
+                try:
+                    self.sched.admit()
+                    self._report()
+                    self.sched.step()
+                except Exception:  # noqa: BLE001 - the scheduler fails its systems itself
+                    log.exception("a scheduler step failed")
+                self.stats["steps"] += 1
+            self._deliver()
+            self._report()
+        self._shutdown()
+
+    def _admit(self, item: WorkItem) -> None:
+        """Hand a request to the scheduler (Power-SMC) or run it whole (the other methods)."""
+        assert self.sched is not None
+        if item.cancelled:
+            return
+        if item.expired():
+            self._answer(item, deadline_error(item))
+            return
+        executor, job = self.executor(), item.job
+        if self.metrics is not None:
+            self.metrics.request_started(time.monotonic() - item.enqueued)
+        try:
+            ids = executor.encode(job)
+            if job.method != "smc":
+                outcome: Any = executor.run([job])[0]
+                self._answer(item, outcome)
+                return
+            opts = smc_options(job.options)
+            handles = [self.sched.submit(p, seed=None if job.seed is None
+                                         else system_seed(job.seed, k), alpha=job.alpha,
+                                         max_new_tokens=job.max_tokens, **opts)
+                       for k, p in enumerate(p for p in ids for _ in range(job.n))]
+        except APIError as exc:
+            self._answer(item, exc)
+            return
+        except InputError as exc:
+            self._answer(item, from_input_error(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - this request alone fails
+            log.exception("request failed")
+            self._answer(item, exc)
+            return
+        self._live[item] = (handles, ids, time.monotonic())
+
+    def _drop_abandoned(self) -> None:
+        """Cancel the systems of requests nobody waits for: freed at the next step."""
+        now = time.monotonic()
+        for item, (handles, _, _) in list(self._live.items()):
+            if item.cancelled or item.expired(now):
+                for h in handles:
+                    h.cancel()
+                if not item.cancelled:
+                    self._answer(item, deadline_error(item))
+                self.stats["cancelled_running"] += 1
+                del self._live[item]
+
+    def _deliver(self) -> None:
+        assert self.sched is not None
+        for item, (handles, ids, handover) in list(self._live.items()):
+            if not all(h.done for h in handles):
+                continue
+            del self._live[item]
+            errors = [h.error for h in handles if h.error is not None]
+            if errors:
+                err = errors[0]
+                self._answer(item, from_input_error(err) if isinstance(err, InputError)
+                             else err)
+                continue
+            results = [h.result() for h in handles]
+            out = self.executor().smc_result(item.job, ids, results, len(self._live) + 1,
+                                             len(self.sched.live) + len(results))
+            waited = handover - item.enqueued
+            out.info["queue_seconds"] = waited + max(r.cost.queue_seconds for r in results)
+            if self.metrics is not None:
+                self.metrics.add(generated_tokens=sum(c.completion_tokens for c in out.choices),
+                                 token_evals=sum(r.cost.token_evals for r in results),
+                                 resamplings=sum(len(r.resample_steps) for r in results))
+            self._answer(item, out)
+
+    def _answer(self, item: WorkItem, outcome: Any) -> None:
+        if item.cancelled:
+            return
+        try:
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+                self.stats["completed"] += 1
+        except InvalidStateError:  # answered meanwhile (deadline, shutdown)
+            pass
+
+    def _report(self) -> None:
+        if self.metrics is None or self.sched is None:
+            return
+        self.metrics.set_live(systems=len(self.sched.live), particles=self.sched.live_rows)
+        cells = self.sched.cache_in_use()
+        if cells is not None:
+            self.metrics.set_kv_cache(cells)
+
+    def _shutdown(self) -> None:
+        err = APIError(503, "the server is shutting down", code="shutting_down")
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+        for item in pending + list(self._live):
+            self._answer(item, err)
+        for handles, _, _ in self._live.values():
+            for h in handles:
+                h.cancel()
+        self._live.clear()
+        if self.sched is not None:
+            self.sched.close()
+
+
+__all__ = ["Cancelled", "StepWorker"]
