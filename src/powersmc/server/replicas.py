@@ -42,7 +42,7 @@ from powersmc.server.errors import APIError
 log = logging.getLogger("powersmc.server")
 APP_NAME = "powersmc"
 REPORT_S = 1.0  # a replica reports its health and metrics this often
-STALE_S = 5.0  # a replica not heard from for this long is left out of /health and /metrics
+STALE_S = 3.0  # a replica not heard from for this long is left out of /health and /metrics
 LOCAL_OBJECT_STORE_BYTES = 256 << 20  # a local cluster's object store (requests are small)
 
 
