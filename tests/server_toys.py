@@ -119,3 +119,21 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
 
 def health(url: str) -> dict:
     return httpx.get(f"{url}/health", timeout=5).json()
+
+
+class SlowEchoLM(EchoLM):
+    """`EchoLM` taking `delay_s` seconds per decoding step: requests stay in flight long
+    enough to kill the process serving them."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    def step(self, state, tokens):
+        time.sleep(self.delay_s)
+        return super().step(state, tokens)
+
+
+def echo_lm(threads: int | None = None, delay_s: float = 0.0) -> EchoLM:
+    """A picklable factory (`ModelSpec(factory=echo_lm)`) for Ray Serve replicas."""
+    return SlowEchoLM(delay_s) if delay_s else EchoLM()

@@ -115,3 +115,14 @@ def test_layer_check_catches_an_upward_import():
     graph["powersmc.methods.common"] = graph["powersmc.methods.common"] | {"powersmc.cli"}
     assert any(line.startswith("powersmc.methods.common -> powersmc.cli")
                for line in upward_imports(graph))
+
+
+def test_the_single_process_server_does_not_import_ray():
+    """`powersmc serve` without --replicas (and the CLI) never imports Ray."""
+    import subprocess
+    import sys
+
+    code = ("import sys, powersmc.cli, powersmc.server.run, powersmc.server.app; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -48,6 +48,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "are cancelled (503); new requests get 503 at once (default: 30)")
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    r = p.add_argument_group("replicas (Ray Serve; needs the ray extra)")
+    r.add_argument("--replicas", type=int, default=None,
+                   help="serve K model replicas with Ray Serve behind one endpoint (one GPU "
+                   "each on CUDA; on CPU --threads or cores // K threads each); default: one "
+                   "process, no Ray")
+    r.add_argument("--min-replicas", type=int, default=None,
+                   help="with --replicas: autoscale down to this many (Ray Serve autoscaling "
+                   "on queued and running requests)")
+    r.add_argument("--max-replicas", type=int, default=None,
+                   help="with --replicas: autoscale up to this many")
+    r.add_argument("--ray-address", default=None,
+                   help="with --replicas: join this Ray cluster (default: $RAY_ADDRESS, else "
+                   "a new local one)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -70,20 +83,43 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout)
 
 
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """`load_model`'s arguments (a local model path made absolute, for Ray replicas)."""
+    model = args.model
+    if model is not None and os.path.exists(os.path.expanduser(model)):
+        model = os.path.abspath(os.path.expanduser(model))
+    return dict(name_or_path=model, backend=args.backend, gguf_file=args.gguf_file,
+                device=args.device, dtype=args.dtype, chat=False, threads=args.threads,
+                weights=args.weights)
+
+
 def load(args: argparse.Namespace):
     """The model, with raw-text prompts: /v1/completions is plain text (OpenAI semantics);
     /v1/chat/completions renders messages with the chat template itself."""
     from powersmc.models import load_model
 
-    return load_model(args.model, backend=args.backend, gguf_file=args.gguf_file,
-                      device=args.device, dtype=args.dtype, chat=False, threads=args.threads,
-                      weights=args.weights)
+    return load_model(**model_kwargs(args))
+
+
+def check_replica_args(args: argparse.Namespace) -> None:
+    """--min-replicas, --max-replicas and --ray-address need --replicas."""
+    if getattr(args, "replicas", None) is None:
+        for flag in ("min_replicas", "max_replicas", "ray_address"):
+            if getattr(args, flag, None) is not None:
+                raise InputError("--" + flag.replace("_", "-"), "used only with --replicas",
+                                 getattr(args, flag))
 
 
 def serve(args: argparse.Namespace) -> int:
     """Check the settings, serve (loading the model in the background) until SIGTERM (drain,
     exit 0) or SIGINT; a model that fails to load stops the server with its error."""
     config = config_from_args(args)
+    check_replica_args(args)
+    if args.replicas is not None:  # Ray only here: the default path never imports it
+        from powersmc.models import ModelSpec
+        from powersmc.server.replicas import serve_replicated
+
+        return serve_replicated(args, config, ModelSpec(model_kwargs(args)))
     try:
         import uvicorn
 
