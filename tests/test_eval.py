@@ -84,10 +84,9 @@ def _run_worker(out, env, batch=1):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, batch):
-    """Kill a run mid-way, cut its last line, resume: every result once. Unbatched, the
-    resumed file equals an uninterrupted run's. With Power-SMC batched 3 problems at a time, a
-    resumed batch may hold other problems (so other draws): there the other methods must
-    still be identical and every SMC result must carry its batch."""
+    """Kill a run mid-way, cut its last line, resume: every result once, and the resumed file
+    equals an uninterrupted run's, also with Power-SMC 3 problems in flight in one scheduler
+    (every (problem, seed) has its own seed, so what shares the batch does not matter)."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     ref = tmp_path / "ref"
     assert _run_worker(ref, env, batch).wait(timeout=300) == 0
@@ -117,12 +116,7 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, batch):
         return {k: v for k, v in r.items() if k not in ("seconds", "peak_memory_mb")}
 
     if batch > 1:
-        smc = [r for r in got if r["method"] == "smc"]
-        assert all(r["problem_id"] in r["batch_problems"] and r["batch_seconds"] >= r["seconds"]
-                   for r in smc)
-        assert max(len(r["batch_problems"]) for r in expected if r["method"] == "smc") == batch
-        got = [r for r in got if r["method"] != "smc"]
-        expected = [r for r in expected if r["method"] != "smc"]
+        assert all(r["in_flight"] == batch for r in got if r["method"] == "smc")
     assert sorted(map(json.dumps, map(strip, got))) == sorted(map(json.dumps, map(strip, expected)))
     text = report(out)
     assert "| smc |" in text and (out / "accuracy_latency.png").stat().st_size > 1000

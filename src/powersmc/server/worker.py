@@ -133,7 +133,8 @@ class StepWorker:
     def _admit(self, item: WorkItem) -> None:
         """Hand a request to the scheduler (Power-SMC) or run it whole (the other methods)."""
         assert self.sched is not None
-        if item.cancelled:
+        if item.cancelled:  # given up between the queue and here
+            self.stats["cancelled_waiting"] += 1
             return
         if item.expired():
             self._answer(item, deadline_error(item))
