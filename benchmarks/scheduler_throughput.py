@@ -56,7 +56,7 @@ def run_mode(lm, prompts, seeds, opts, in_flight: int, synchronous: bool) -> dic
             "tokens": [texts[k] for k in range(len(prompts))], "steps": sched.steps}
 
 
-def profile(lm, prompts, seeds, opts, rows: int) -> dict:
+def profile(lm, prompts, seeds, opts, rows: int, steps: int = 60) -> dict:
     """Time the scheduler's steps while about `rows` particles are live: the model's forward
     and prefill, the engine's draw, and the rest (the scheduler's own work)."""
     sched = Scheduler(lm)
@@ -93,7 +93,7 @@ def profile(lm, prompts, seeds, opts, rows: int) -> dict:
                 model = spent["model"] - before["model"]
                 draw = spent["draw"] - before["draw"]
                 samples.append((total, model, draw, live))
-            if len(samples) >= 60:
+            if len(samples) >= steps:
                 break
     finally:
         lm.step, lm.prefill_many, lm.extend = model_step, model_prefill, model_extend
