@@ -351,7 +351,7 @@ class Scheduler:
         self.steps = 0
         self._joined: list[_System] = []  # admitted, not yet through their first step
         self._lock = threading.Lock()
-        self._bar = tqdm(desc="power-smc", unit="answer", total=0, disable=not progress,
+        self._bar = tqdm(desc="power-smc", unit=" answer", total=0, disable=not progress,
                          leave=False)
 
     # --- requests -------------------------------------------------------------------------
