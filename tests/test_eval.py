@@ -115,8 +115,6 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, batch):
     def strip(r):
         return {k: v for k, v in r.items() if k not in ("seconds", "peak_memory_mb")}
 
-    if batch > 1:
-        assert all(r["in_flight"] == batch for r in got if r["method"] == "smc")
     assert sorted(map(json.dumps, map(strip, got))) == sorted(map(json.dumps, map(strip, expected)))
     text = report(out)
     assert "| smc |" in text and (out / "accuracy_latency.png").stat().st_size > 1000

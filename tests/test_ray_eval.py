@@ -55,11 +55,13 @@ def test_two_workers_give_the_rows_of_one_worker_and_of_one_process(pool, tmp_pa
     assert all(w["answers"] > 0 and w["threads"] == 1 and w["restarts"] == 0
                for w in stats["workers"]) and len(stats["workers"]) == 2
     assert sum(w["answers"] for w in stats["workers"]) == stats["answers"] == 36
-    # Power-SMC batched 4 problems at a time: the same batches, so the same rows
-    here = run_eval(faulty_lm(), problems(), out_dir=tmp_path / "here4", batch_prompts=4, **KW)
+    # Power-SMC 4 problems at a time in one scheduler: every (problem, seed) keeps its own
+    # seed, so the rows equal those run one at a time, here and on the workers
+    here4 = run_eval(faulty_lm(), problems(), out_dir=tmp_path / "here4", batch_prompts=4, **KW)
     two = run_eval(pool, problems(), out_dir=tmp_path / "two4", batch_prompts=4, **KW)
-    assert rows(two) == rows(here) and max(len(r.get("batch_problems", [])) for r in two) == 4
-    assert "| smc |" in report(tmp_path / "two4")
+    assert rows(two) == rows(here4) == rows(here)
+    assert "| smc |" in report(tmp_path / "two4") and "4 problems at once" in report(
+        tmp_path / "two4")
 
 
 def test_a_killed_worker_loses_and_duplicates_nothing(pool, tmp_path):

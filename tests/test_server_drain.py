@@ -99,7 +99,7 @@ def test_sigterm_refuses_new_requests_lets_the_running_one_finish_and_exits_0():
 def test_sigterm_cancels_what_outlives_the_shutdown_timeout_with_503():
     with serve("--shutdown-timeout", "1") as (url, proc):
         out: list = []
-        t = _ask(url, {"prompt": "Write a very long story about a dragon.",
+        t = _ask(url, {"prompt": "Once upon a time, there was a dragon who",
                        "max_tokens": 400, "particles": 16, "n": 2, "seed": 0}, out)
         wait_for(lambda: _running(url), timeout=30)
         start = time.monotonic()

@@ -207,29 +207,50 @@ class LMParticles:
 
     def _prefill(self) -> list[torch.Tensor]:
         """Evaluate the joining systems' prompts into the newest segment, or a new one when
-        the model's cache cannot take them (logp per system)."""
-        out = []
-        self.failed = []
-        for k, (prompt, rows, spec, budget) in enumerate(self.joining):
-            need = len(prompt) + budget
+        the model's cache cannot take them (logp per system). Consecutive joiners with equal
+        row counts go in one call (one prefill pass for all their prompts); if that call
+        fails, they are retried one by one so that only the failing system is left out."""
+        out: list[torch.Tensor] = []
+        joining, k = self.joining, 0
+        while k < len(joining):
+            j = k + 1
+            while j < len(joining) and joining[j][1] == joining[k][1]:
+                j += 1
             try:
-                if not self.segments or not self._fits(need):
-                    size = sum(len(p) + b for p, _, _, b in self.joining[k:]) + sum(self.left)
-                    state, logp = self.model.prefill_many([prompt], rows, budget=2 * size)
-                    self.segments.append(_Segment(state, 0))
+                out.append(self._join(joining[k:j], joining[k:]))
+            except Exception as exc:  # noqa: BLE001 - find the system(s) that fail
+                if j - k == 1:
+                    self.failed.append((k, exc))
                 else:
-                    extend = self.model.extend  # type: ignore[attr-defined]  # joins_running
-                    logp = extend(self.segments[-1].state, [prompt], rows, budget=budget)
-            except Exception as exc:  # noqa: BLE001 - this system alone does not join
-                self.failed.append((k, exc))
-                continue
-            self.segments[-1].systems += 1
-            out.append(logp)
-            self.specs.append(spec)
-            self.counts.append(rows)
-            self.left.append(need)
+                    for i in range(k, j):
+                        try:
+                            out.append(self._join(joining[i : i + 1], joining[i:]))
+                        except Exception as one:  # noqa: BLE001 - it alone does not join
+                            self.failed.append((i, one))
+            k = j
         self.joining = []
         return out
+
+    def _join(self, group: list[tuple[list[int], int, DrawSpec, int]],
+              rest: list[tuple[list[int], int, DrawSpec, int]]) -> torch.Tensor:
+        """Prefill one group of joiners (equal rows) and register them; returns their logp."""
+        rows = group[0][1]
+        prompts = [p for p, _, _, _ in group]
+        need = sum(len(p) + b for p, _, _, b in group)
+        if not self.segments or not self._fits(need):
+            size = sum(len(p) + b for p, _, _, b in rest) + sum(self.left)
+            state, logp = self.model.prefill_many(prompts, rows, budget=2 * size)
+            self.segments.append(_Segment(state, 0))
+        else:
+            extend = self.model.extend  # type: ignore[attr-defined]  # joins_running
+            logp = extend(self.segments[-1].state, prompts, rows,
+                          budget=sum(b for _, _, _, b in group))
+        self.segments[-1].systems += len(group)
+        for prompt, n, spec, budget in group:
+            self.specs.append(spec)
+            self.counts.append(n)
+            self.left.append(len(prompt) + budget)
+        return logp
 
     def _fits(self, need: int) -> bool:
         """Whether the newest segment's cache holds `need` more cells beside what its live

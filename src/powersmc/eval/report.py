@@ -131,11 +131,10 @@ def _paired_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _batch_note(results: list[dict]) -> list[str]:
-    sizes = [r["in_flight"] for r in results if "in_flight" in r]
-    if not sizes:
+def _batch_note(batch_prompts: int | None) -> list[str]:
+    if not batch_prompts or batch_prompts < 2:
         return []
-    return [f"Power-SMC ran up to {max(sizes)} problems at once in one continuously batched "
+    return [f"Power-SMC ran up to {batch_prompts} problems at once in one continuously batched "
             "scheduler (`--batch-prompts`): its seconds are each answer's own time from "
             "admission to answer, spent sharing every forward pass with the others.", ""]
 
@@ -161,12 +160,12 @@ def _failures_table(failed: Sequence[dict]) -> list[str]:
 
 
 def markdown(rows: list[dict], results: list[dict], title: str,
-             failed: Sequence[dict] = ()) -> str:
+             failed: Sequence[dict] = (), batch_prompts: int | None = None) -> str:
     lines = [f"# {title}", "",
              f"Latency is relative to `{rows[0]['baseline']}` decoding in the same run "
              "(median of per-problem ratios; ratio of totals), with 95% paired bootstrap "
              "intervals.", "",
-             *_batch_note(results),
+             *_batch_note(batch_prompts),
              "| Method | Accuracy (%) | 95% CI | math-verify (%) | Latency (median) | "
              "Latency (total) | Tokens | Token evals | n |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -247,7 +246,7 @@ def report(out_dir: str | Path) -> str:
     rows = summarize(results, methods)
     dataset, model = dataset_label(cfg.get("dataset", out.name)), model_label(cfg.get("model"))
     title = f"{dataset} — {model}, alpha={cfg.get('alpha')}"
-    text = markdown(rows, results, title, failed)
+    text = markdown(rows, results, title, failed, cfg.get("batch_prompts"))
     (out / "report.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     plot(rows, out / "accuracy_latency.png", title)

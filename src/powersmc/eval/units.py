@@ -135,8 +135,8 @@ def run_stream(model: LanguageModel, units: list[Unit], settings: Settings, in_f
             for handle in [h for h in live if h.done]:
                 unit, problem, run_seed = live.pop(handle)
                 res = handle.result()
-                write({**_record(model, problem, unit.method, unit.seed, run_seed, res,
-                                 res.cost.seconds), "in_flight": in_flight})
+                write(_record(model, problem, unit.method, unit.seed, run_seed, res,
+                              res.cost.seconds))
     finally:
         sched.close()
 
