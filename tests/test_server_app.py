@@ -371,4 +371,4 @@ def test_row_limited_backend_runs_large_batches_in_chunks():
     assert r.status_code == 200, r.text
     assert [c["text"] for c in r.json()["choices"]] == ["AB", "CD", "EF"]
     assert r.json()["choices"] == again.json()["choices"]
-    assert max(prefills) <= 8 and sum(prefills[:2]) == 12
+    assert max(prefills) == 8  # the batch holds the row limit, never more
