@@ -172,7 +172,7 @@ def test_cache_option_is_checked():
         tiny_lm("llama", "paged")
     with pytest.raises(InputError, match="compile"):
         tiny_lm("llama", "dynamic", compile=True)
-    assert tiny_lm("qwen2", "auto").cache == "static"
+    assert tiny_lm("qwen2", "auto").cache == "dynamic"  # auto: static on CUDA only
 
 
 @pytest.mark.model
@@ -183,9 +183,9 @@ def test_default_model_static_equals_dynamic(default_lm):
     from powersmc.backends.transformers_lm import TransformersLM
 
     base = default_lm
-    assert base.cache == "static"  # what `auto` picks for this Llama-family model
-    dynamic = TransformersLM(base.model, base.tokenizer, cache="dynamic")
-    static = base
+    assert base.cache == "dynamic"  # what `auto` picks on CPU (static on CUDA)
+    dynamic = base
+    static = TransformersLM(base.model, base.tokenizer, cache="static")
     prompts = [base.encode_prompt(t) for t in ("Hi.", "Name three prime numbers.")]
     index = [3, 0, 3]
     runs = {}

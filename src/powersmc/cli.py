@@ -44,7 +44,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (transformers)")
     g.add_argument("--cache", default="auto", choices=("auto", "static", "dynamic"),
-                   help="transformers: KV cache (auto: static for Llama/Qwen2, compiled on CUDA)")
+                   help="transformers: KV cache (auto: static and compiled for Llama/Qwen2 "
+                   "on CUDA, dynamic elsewhere)")
     g.add_argument("--raw", action="store_true", help="raw text prompts, no chat template")
 
 
