@@ -54,22 +54,21 @@ class EchoLM(FunctionLM):
     def decode(self, token_ids) -> str:
         return "".join(chr(int(i)) for i in token_ids if int(i) not in (EOS, SEP))
 
-    def prefill_many(self, prompts, rows, **kw):
+    def _evaluating(self, prompts) -> None:
+        """Record the prompts, wait for the gate, fail on a 'boom' prompt."""
         texts = [self.decode(p) for p in prompts]
         self.seen.extend(texts)
         if not self.gate.wait(timeout=30):
             raise TimeoutError("test gate never opened")
         if any("boom" in t for t in texts):
             raise RuntimeError("boom: a failure inside the batch")
+
+    def prefill_many(self, prompts, rows, **kw):
+        self._evaluating(prompts)
         return super().prefill_many(prompts, rows, **kw)
 
     def extend(self, state, prompts, rows, **kw):  # a request joining the running batch
-        texts = [self.decode(p) for p in prompts]
-        self.seen.extend(texts)
-        if not self.gate.wait(timeout=30):
-            raise TimeoutError("test gate never opened")
-        if any("boom" in t for t in texts):
-            raise RuntimeError("boom: a failure inside the batch")
+        self._evaluating(prompts)
         return super().extend(state, prompts, rows, **kw)
 
     def prefill(self, prompt_ids, rows, **kw):

@@ -68,36 +68,24 @@ def deadline_error(item: WorkItem) -> APIError:
                     "cancelled", param="timeout", code="request_timeout")
 
 
-class Batcher:
-    """Bounded queue + worker thread. `run_batch(jobs)` returns one outcome per job: a result,
-    or an exception for that job alone; if it raises, every job of the batch gets the error."""
+class RequestQueue:
+    """The bounded queue of work items and the one worker thread that drains it (`_loop`),
+    shared by the windowed `Batcher` and the scheduler's `worker.StepWorker`."""
 
-    def __init__(self, run_batch: RunBatch, *, max_batch: int, batch_wait_s: float,
-                 max_queue: int, metrics: Metrics | None = None) -> None:
-        self.run_batch, self.max_batch, self.metrics = run_batch, max_batch, metrics
-        self.batch_wait_s, self.max_queue = batch_wait_s, max_queue
+    def __init__(self, *, max_queue: int, metrics: Metrics | None = None) -> None:
+        self.max_queue, self.metrics = max_queue, metrics
         self._pending: deque[WorkItem] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.running = 0  # items in the batch being run
         self.stats: Counter[str] = Counter()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="powersmc-worker", daemon=True)
         self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new work, fail what is waiting with 503, and let the running batch end."""
-        with self._cond:
-            self._closed = True
-            pending, self._pending = list(self._pending), deque()
-            self._cond.notify_all()
-        for item in pending:
-            item.future.set_exception(APIError(503, "the server is shutting down",
-                                               code="shutting_down"))
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def queued(self) -> int:
         with self._cond:
@@ -117,6 +105,29 @@ class Batcher:
             self.stats["submitted"] += 1
             self._cond.notify_all()
         return item
+
+
+class Batcher(RequestQueue):
+    """Bounded queue + worker thread. `run_batch(jobs)` returns one outcome per job: a result,
+    or an exception for that job alone; if it raises, every job of the batch gets the error."""
+
+    def __init__(self, run_batch: RunBatch, *, max_batch: int, batch_wait_s: float,
+                 max_queue: int, metrics: Metrics | None = None) -> None:
+        super().__init__(max_queue=max_queue, metrics=metrics)
+        self.run_batch, self.max_batch, self.batch_wait_s = run_batch, max_batch, batch_wait_s
+        self.running = 0  # items in the batch being run
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, fail what is waiting with 503, and let the running batch end."""
+        with self._cond:
+            self._closed = True
+            pending, self._pending = list(self._pending), deque()
+            self._cond.notify_all()
+        for item in pending:
+            item.future.set_exception(APIError(503, "the server is shutting down",
+                                               code="shutting_down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def cancel(self, item: WorkItem) -> None:
         """The client went away: drop the item if it still waits, else discard its result."""

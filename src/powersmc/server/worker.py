@@ -19,19 +19,17 @@ comparison in `benchmarks/serve_load.py`.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from typing import TYPE_CHECKING, Any
 
 from powersmc.errors import InputError
 from powersmc.methods.registry import smc_options
-from powersmc.methods.scheduler import Cancelled, Handle, Scheduler, system_seed
-from powersmc.server.batching import WorkItem, deadline_error
+from powersmc.methods.scheduler import Handle, Scheduler, system_seed
+from powersmc.server.batching import RequestQueue, WorkItem, deadline_error
 from powersmc.server.errors import APIError, from_input_error
-from powersmc.server.jobs import Job
 
 if TYPE_CHECKING:
     from powersmc.server.execute import Executor
@@ -40,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("powersmc.server")
 
 
-class StepWorker:
+class StepWorker(RequestQueue):
     """Bounded queue + one worker thread stepping a `Scheduler` (see the module docstring).
 
     max_systems: most particle systems in the batch at once (`--max-batch`); more wait in the
@@ -48,28 +46,15 @@ class StepWorker:
 
     def __init__(self, executor: Callable[[], Executor], *, max_systems: int, max_queue: int,
                  metrics: Metrics | None = None) -> None:
-        self.executor, self.max_systems, self.max_queue = executor, max_systems, max_queue
-        self.metrics = metrics
+        super().__init__(max_queue=max_queue, metrics=metrics)
+        self.executor, self.max_systems = executor, max_systems
         self.sched: Scheduler | None = None
-        self._pending: deque[WorkItem] = deque()
         self._live: dict[WorkItem, tuple[list[Handle], list[list[int]], float]] = {}
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        self.stats: Counter[str] = Counter()
 
     @property
     def running(self) -> int:
         """Requests whose systems are in the scheduler (in the batch or waiting for rows)."""
         return len(self._live)
-
-    def queued(self) -> int:
-        with self._cond:
-            return len(self._pending)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="powersmc-worker", daemon=True)
-        self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new work; what is waiting or running gets 503 and its systems leave."""
@@ -78,21 +63,6 @@ class StepWorker:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-
-    def submit(self, job: Job) -> WorkItem:
-        """Enqueue `job`; raises a 429 `APIError` when the queue is full (503 when closed)."""
-        item = WorkItem(job)
-        with self._cond:
-            if self._closed:
-                raise APIError(503, "the server is shutting down", code="shutting_down")
-            if len(self._pending) >= self.max_queue:
-                self.stats["rejected_queue_full"] += 1
-                raise APIError(429, f"the queue is full ({self.max_queue} requests waiting); "
-                               "retry later", code="queue_full")
-            self._pending.append(item)
-            self.stats["submitted"] += 1
-            self._cond.notify_all()
-        return item
 
     def cancel(self, item: WorkItem) -> None:
         """The answer is no longer wanted: its systems leave the batch at the next step."""
@@ -233,5 +203,3 @@ class StepWorker:
         if self.sched is not None:
             self.sched.close()
 
-
-__all__ = ["Cancelled", "StepWorker"]
