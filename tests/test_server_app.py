@@ -97,6 +97,7 @@ def test_n_and_prompt_lists_are_prompt_major_and_stop_truncates(toy):
     {"method": "plain", "temperature": 0}, {"method": "lowtemp"}, {"method": "greedy"},
     {"method": "mh", "num_blocks": 2, "mh_moves": 1}, {"method": "mh-faithful"},
     {"method": "spower", "candidates": 2, "rollouts": 2, "horizon": 2},
+    {"method": "bon", "particles": 3}, {"method": "smc-adapted"},
     {"temperature": 1.0, "top_p": 1.0},  # neutral values do not change the target
     {"order": "adapted", "resampler": "multinomial"},
 ])
@@ -284,14 +285,16 @@ def _block_worker(url: str, lm: EchoLM) -> tuple[threading.Thread, list]:
 
 
 def test_concurrent_requests_with_different_settings_share_the_running_batch(gated):
-    """Continuous batching: requests with other alphas (and seeds) join the batch that is
-    already running, each gets its own answer with its own settings."""
+    """Continuous batching: requests with other methods, alphas (and seeds) join the batch
+    that is already running, each gets its own answer with its own settings: Power-SMC at
+    another alpha, and best-of-N, greedy and low-temperature decoding (systems that never
+    resample)."""
     url, lm = gated
     blocker, _ = _block_worker(url, lm)
-    prompts = {"alpha": ["aa", "bbb"], "beta": ["cccc", "dd"]}
-    results: dict[str, list] = {p: [] for group in prompts.values() for p in group}
-    threads = [_send_async(url, {"prompt": p, "alpha": 2.0 if g == "alpha" else 4.0},
-                           results[p]) for g, group in prompts.items() for p in group]
+    asks = {"aa": {"alpha": 2.0}, "bbb": {"method": "bon", "particles": 3},
+            "cccc": {"method": "greedy", "n": 2}, "dd": {"method": "lowtemp", "seed": 5}}
+    results: dict[str, list] = {p: [] for p in asks}
+    threads = [_send_async(url, {"prompt": p, **extra}, results[p]) for p, extra in asks.items()]
     wait_for(lambda: health(url)["queued"] == 4)
     lm.gate.set()
     for t in [blocker, *threads]:
@@ -299,10 +302,12 @@ def test_concurrent_requests_with_different_settings_share_the_running_batch(gat
     shared = []
     for prompt, (r,) in results.items():
         body = r.json()
-        assert body["choices"][0]["text"] == prompt.upper()
+        want = asks[prompt]
+        assert [c["text"] for c in body["choices"]] == [prompt.upper()] * want.get("n", 1)
         shared.append(body["powersmc"]["batch_requests"])
-        assert body["powersmc"]["alpha"] == (2.0 if prompt in prompts["alpha"] else 4.0)
-    assert max(shared) >= 4  # both alphas and the seeded blocker in one batch
+        assert body["powersmc"]["method"] == want.get("method", "smc")
+        assert body["powersmc"]["alpha"] == want.get("alpha", 4.0)
+    assert max(shared) >= 4  # every method, both alphas and the seeded blocker in one batch
 
 
 def test_full_queue_answers_429_and_recovers(gated):

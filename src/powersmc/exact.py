@@ -54,8 +54,16 @@ def power_distribution(lm: FunctionLM, prompt: Sequence[int], max_new_tokens: in
 def tempered_distribution(lm: FunctionLM, prompt: Sequence[int], max_new_tokens: int,
                           tau: float) -> dict[Seq, float]:
     """The token-level product distribution of temperature-tau sampling (eq. 3)."""
-    logw = _walk(lm, prompt, max_new_tokens, lambda lp: torch.log_softmax(lp / tau, -1))
-    return {k: math.exp(v) for k, v in logw.items()}
+    return decoder_distribution(lm, prompt, max_new_tokens,
+                                lambda lp: torch.log_softmax(lp / tau, -1))
+
+
+def decoder_distribution(lm: FunctionLM, prompt: Sequence[int], max_new_tokens: int,
+                         logq: Callable[[torch.Tensor], torch.Tensor]) -> dict[Seq, float]:
+    """The sequence distribution of a token-by-token decoder drawing from logq(log p) (a
+    normalised next-token distribution, e.g. a top-k / top-p nucleus): the product of its
+    conditionals."""
+    return {k: math.exp(v) for k, v in _walk(lm, prompt, max_new_tokens, logq).items()}
 
 
 def total_variation(p: dict[Seq, float], q: dict[Seq, float]) -> float:

@@ -44,6 +44,36 @@ class TemperatureProposal:
         return torch.log_softmax(logp * inv_tau, dim=-1)
 
 
+@dataclass(frozen=True)
+class NucleusProposal:
+    """q_t = the top-k / top-p nucleus of p_t^(1/tau), renormalised: plain sampling with the
+    OpenAI controls (temperature first, then top-k, then top-p; ties at the k-th value are
+    kept, so greedy decoding is `ArgmaxProposal`).
+
+    Its support is smaller than p's, so weights against a power of the full model are not
+    proper; it is for systems that never resample (`ess_threshold=0`), whose particles are
+    then independent draws of this sampler (the server's plain and greedy requests).
+    """
+
+    tau: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __call__(self, logp: torch.Tensor, alpha_t: float) -> torch.Tensor:
+        return truncate_logprobs(torch.log_softmax(logp / self.tau, dim=-1), self.top_k,
+                                 self.top_p)
+
+
+@dataclass(frozen=True)
+class ArgmaxProposal:
+    """q_t puts all its mass on argmax p_t (the first such token on ties, as `torch.argmax`):
+    greedy decoding, for systems that never resample (see `NucleusProposal`)."""
+
+    def __call__(self, logp: torch.Tensor, alpha_t: float) -> torch.Tensor:
+        out = torch.full_like(logp, float("-inf"))
+        return out.scatter_(-1, logp.argmax(-1, keepdim=True), 0.0)
+
+
 def sample_tempered(
     logp: torch.Tensor, inv_tau: float | torch.Tensor,
     generator: torch.Generator | torch.Tensor | None,

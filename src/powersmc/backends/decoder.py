@@ -40,13 +40,11 @@ class TemperatureRule:
 
     def __call__(self, logp: torch.Tensor, gen: torch.Generator | None,
                  greedy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from powersmc.proposals import sample_tempered, truncate_logprobs
+        from powersmc.proposals import NucleusProposal, sample_tempered
 
         tau = self.tau
         if self.truncating or greedy:
-            logq = torch.log_softmax(logp / tau, -1)
-            if self.truncating:
-                logq = truncate_logprobs(logq, top_k=self.top_k, top_p=self.top_p)
+            logq = NucleusProposal(tau, self.top_k, self.top_p)(logp, 1.0)
             tok = logq.argmax(-1) if greedy else sample_tempered(logq, 1.0, gen)[0]
             lq = logq.gather(1, tok[:, None]).squeeze(1).double()
             return tok, logp.gather(1, tok[:, None]).squeeze(1).double(), lq

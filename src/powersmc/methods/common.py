@@ -33,8 +33,10 @@ def check_nonnegative_int(name: str, value: int) -> int:
 
 
 def check_ess_threshold(kappa: float) -> float:
-    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not 0 < kappa <= 1:
-        raise InputError("ess_threshold", "a number in (0, 1]", kappa)
+    """kappa of Algorithm 1: resample when ESS < kappa N. 0 never resamples (sequential
+    importance sampling: the N draws keep their whole-sequence weights, as best-of-N)."""
+    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not 0 <= kappa <= 1:
+        raise InputError("ess_threshold", "a number in [0, 1]", kappa)
     return float(kappa)
 
 

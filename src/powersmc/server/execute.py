@@ -128,14 +128,20 @@ class Executor:
 
     def smc_result(self, job: Job, ids: list[list[int]], results: list[SMCResult],
                    batch_requests: int, batch_systems: int) -> JobResult:
-        """A Power-SMC job's answer from its systems' results (prompt-major, n per prompt)."""
+        """A job's answer from its scheduler systems' results (`server.systems`): one answer
+        per system (Power-SMC, best-of-N) or every row of one system per prompt (decoding);
+        prompt-major, n per prompt."""
         info = self._info(job, results[0], batch_requests, batch_systems,
                           sum(r.cost.token_evals for r in results))
         if job.seed is None and len(results) > 1:  # each system drew its own seed
             info["seed"] = None
+        info["seconds"] = max(r.cost.seconds for r in results)
+        if job.method in ("plain", "lowtemp", "greedy"):
+            choices = [self._choice(job, p.token_ids, p.text, p.finished)
+                       for r in results for p in r.particles]
+            return JobResult(choices, sum(map(len, ids)), info)
         info |= {"particles": job.options["particles"], "log_z": [r.log_z for r in results],
-                 "resample_steps": [list(r.resample_steps) for r in results],
-                 "seconds": max(r.cost.seconds for r in results)}
+                 "resample_steps": [list(r.resample_steps) for r in results]}
         choices = [self._choice(job, r.token_ids, r.text, r.finished) for r in results]
         return JobResult(choices, sum(map(len, ids)), info)
 

@@ -31,6 +31,7 @@ _OPTIONS = {
     "smc-adapted": ("particles", "ess_threshold", "resampler", "ramp_tokens"),
     "mh": ("num_blocks", "mh_moves"), "mh-faithful": ("num_blocks", "mh_moves"),
     "spower": ("candidates", "rollouts", "horizon"),
+    "bon": ("particles",),  # N, the rows drawn per answer
     "plain": (), "lowtemp": (), "greedy": (),
 }
 _TARGET_CHANGING = ("temperature", "top_p", "top_k")

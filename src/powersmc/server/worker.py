@@ -8,9 +8,11 @@ systems, each with its own settings and generator: a seeded request's systems ar
 the library's answer, whatever shares the batch, up to the last float bits of a batched
 forward on real backends), cancel the systems of requests whose client went away, whose
 deadline passed or that a shutdown gave up, step the scheduler once (one token for every live
-particle of every request), and answer the requests whose systems are all done. Requests
-for the other methods (plain, low-temperature, greedy, best-of-N, MH, Scalable Power Sampling)
-run whole, one at a time, between two steps: the batch pauses while they run.
+particle of every request), and answer the requests whose systems are all done. Best-of-N
+and plain / low-temperature / greedy decoding are systems that never resample
+(`server.systems`) and join the same batch; MH and Scalable Power Sampling requests run
+whole, one at a time, between two steps (their moves re-decode suffixes of a kept prefix,
+not one token per step): the batch pauses while they run.
 
 Same interface as the windowed `Batcher` (`--batching windowed`), which is kept for
 comparison in `benchmarks/serve_load.py`.
@@ -26,10 +28,10 @@ from concurrent.futures import InvalidStateError
 from typing import TYPE_CHECKING, Any
 
 from powersmc.errors import InputError
-from powersmc.methods.registry import smc_options
-from powersmc.methods.scheduler import Handle, Scheduler, system_seed
+from powersmc.methods.scheduler import Handle, Scheduler
 from powersmc.server.batching import RequestQueue, WorkItem, deadline_error
 from powersmc.server.errors import APIError, from_input_error
+from powersmc.server.systems import scheduled, systems
 
 if TYPE_CHECKING:
     from powersmc.server.execute import Executor
@@ -114,15 +116,11 @@ class StepWorker(RequestQueue):
             self.metrics.request_started(time.monotonic() - item.enqueued)
         try:
             ids = executor.encode(job)
-            if job.method != "smc":
+            if not scheduled(job):
                 outcome: Any = executor.run([job])[0]
                 self._answer(item, outcome)
                 return
-            opts = smc_options(job.options)
-            handles = [self.sched.submit(p, seed=None if job.seed is None
-                                         else system_seed(job.seed, k), alpha=job.alpha,
-                                         max_new_tokens=job.max_tokens, **opts)
-                       for k, p in enumerate(p for p in ids for _ in range(job.n))]
+            handles = [self.sched.submit(p, **kw) for p, kw in systems(job, ids)]
         except APIError as exc:
             self._answer(item, exc)
             return
