@@ -325,3 +325,51 @@ def test_cli_sample_and_eval_resume_after_kill(vllm_lm, hf_lm, tmp_path):
         assert set(a) == set(b)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["backend"] == "vllm"
+
+
+def test_scheduler_fails_a_refused_system_alone(vllm_lm):
+    """A system the engine refuses at admission (a proposal callable: vLLM draws the tokens)
+    fails alone; the system beside it finishes."""
+    from powersmc import Scheduler
+
+    sched = Scheduler(vllm_lm)
+    bad = sched.submit(PROMPT, particles=2, max_new_tokens=3, alpha=1.0, ess_threshold=0.0,
+                       proposal=lambda logp, a: logp)
+    good = sched.submit(PROMPT, particles=2, max_new_tokens=3, seed=0)
+    sched.run()
+    with pytest.raises(InputError, match="proposal"):
+        bad.result()
+    assert len(good.result().particles) == 2
+    sched.close()
+
+
+def test_server_runs_mixed_requests_in_one_batch(vllm_lm):
+    """`powersmc serve` on the vLLM backend: concurrent requests with different methods,
+    alphas, N and seeds run from one scheduler; greedy (no proposal callable on vLLM) runs
+    whole between steps; a seeded request reproduces on an idle server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from server_toys import live_server
+
+    pytest.importorskip("fastapi")
+    bodies = [{"prompt": PROMPT, "max_tokens": 6, "particles": 4, "seed": 3},
+              {"prompt": "Name a colour.", "max_tokens": 4, "particles": 2, "alpha": 2.0},
+              {"prompt": PROMPT, "max_tokens": 5, "method": "bon", "particles": 3, "n": 2},
+              {"prompt": PROMPT, "max_tokens": 4, "method": "plain", "n": 3},
+              {"prompt": PROMPT, "max_tokens": 4, "method": "greedy"}]
+    with live_server(vllm_lm, model_name="m", max_batch=16) as url:
+        def post(body):
+            return httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            got = list(pool.map(post, bodies))
+        assert [r.status_code for r in got] == [200] * len(bodies), [r.text for r in got]
+        for body, r in zip(bodies, got, strict=True):
+            out = r.json()
+            assert len(out["choices"]) == body.get("n", 1)
+            assert out["powersmc"]["method"] == body.get("method", "smc")
+        assert max(r.json()["powersmc"]["batch_requests"] for r in got) >= 2
+        again = post(bodies[0]).json()
+        assert again["choices"] == post(bodies[0]).json()["choices"]
+        assert again["powersmc"]["seed"] == 3

@@ -75,6 +75,8 @@ class ParticleEngine(Protocol):
     device: torch.device
     fork_block: int  # a copy made when a row's length is 1 mod this costs no recomputation
     joins_running: bool  # a system can join while others run (else only into an empty batch)
+    proposals: bool  # DrawSpec.proposal (a callable) is honoured (else admit refuses it)
+    interleaves: bool  # other work may use the model between two advances (a decoder's run)
 
     def room(self, prompt_len: int, rows: int, budget: int) -> bool:
         """Whether a system of `rows` rows, its prompt and `budget` generated tokens fits
@@ -148,6 +150,7 @@ class LMParticles:
         self.model = model
         self.device = model.device
         self.fork_block = 1  # rows are copied with their cache, at any length
+        self.proposals = self.interleaves = True  # other runs use states of their own
         self.joins_running = bool(getattr(model, "joins_running",
                                           callable(getattr(model, "extend", None))))
         self.segments: list[_Segment] = []

@@ -61,6 +61,8 @@ class VllmParticles:
         self.lm = lm
         self.device = torch.device("cpu")
         self.fork_block = lm.block_size  # prefix caching reuses whole KV blocks only
+        self.proposals = False  # vLLM's processors draw the tokens (power proposal or tau)
+        self.interleaves = False  # one engine loop steps every request: a decoder's would too
         self.groups: list[_Group] = []  # per live system, in row order
         self.seqs: list[list[int]] = []  # per row: prompt + generated tokens
         self.reqs: list[str | None] = []  # per row: its running request, or None

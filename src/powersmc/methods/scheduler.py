@@ -490,7 +490,12 @@ class Scheduler:
                 s.align = self.engine.fork_block if o.align == "block" else int(o.align)
                 spec = DrawSpec(s.gen, tau=o.tau, proposal=o.proposal, top_k=o.top_k,
                                 top_p=o.top_p, redraws=o.adapted)
-                self.engine.admit(s.prompt_ids, o.n, spec, budget=o.n * o.T)
+                try:
+                    self.engine.admit(s.prompt_ids, o.n, spec, budget=o.n * o.T)
+                except Exception as exc:  # noqa: BLE001 - e.g. an option this engine refuses
+                    s.handle._fail(exc)
+                    self._bar.update(1)
+                    continue
                 s.started = time.perf_counter()
                 self.live.append(s)
                 joined.append(s)

@@ -11,7 +11,8 @@ Power Sampling joins the running batch at the next token.
   answers, never resampled, so each row is an independent draw of the decoder: plain at the
   request's temperature (its top-k / top-p nucleus after the temperature, as the library's
   `plain_sample`; temperature 0 is greedy), low temperature at tau = 1/alpha, greedy by
-  `ArgmaxProposal`.
+  `ArgmaxProposal`. The last two need a proposal callable: on vLLM, whose processors draw
+  the tokens, greedy and top-k / top-p requests run whole between steps instead.
 
 A seeded request's k-th system is seeded `system_seed(seed, k)`, as `smc_sample_many` seeds
 its k-th prompt, so it reproduces whatever shares the batch (up to the last float bits of a
@@ -32,8 +33,12 @@ SCHEDULED = ("smc", "smc-adapted", "bon") + DECODING
 """Methods whose requests join the scheduler's batch; the others run whole between steps."""
 
 
-def scheduled(job: Job) -> bool:
-    return job.method in SCHEDULED
+def runs_whole(job: Job, *, proposals: bool) -> bool:
+    """Whether the job runs whole between steps instead of as systems: MH and Scalable Power
+    Sampling, and greedy / top-k / top-p decoding on an engine that takes no proposal
+    callable (vLLM: `proposals` False)."""
+    return job.method not in SCHEDULED or (
+        not proposals and job.method in DECODING and "proposal" in _decoding(job))
 
 
 def systems(job: Job, ids: list[list[int]]) -> list[tuple[list[int], dict[str, Any]]]:

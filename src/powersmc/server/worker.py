@@ -12,7 +12,10 @@ particle of every request), and answer the requests whose systems are all done. 
 and plain / low-temperature / greedy decoding are systems that never resample
 (`server.systems`) and join the same batch; MH and Scalable Power Sampling requests run
 whole, one at a time, between two steps (their moves re-decode suffixes of a kept prefix,
-not one token per step): the batch pauses while they run.
+not one token per step): the batch pauses while they run. On vLLM, whose one engine loop
+steps every request, such a request (and greedy / top-k / top-p decoding, which vLLM's
+processors cannot draw as systems) waits instead until the batch has drained, and what was
+queued after it waits behind it.
 
 Same interface as the windowed `Batcher` (`--batching windowed`), which is kept for
 comparison in `benchmarks/serve_load.py`.
@@ -31,7 +34,7 @@ from powersmc.errors import InputError
 from powersmc.methods.scheduler import Handle, Scheduler
 from powersmc.server.batching import RequestQueue, WorkItem, deadline_error
 from powersmc.server.errors import APIError, from_input_error
-from powersmc.server.systems import scheduled, systems
+from powersmc.server.systems import runs_whole, systems
 
 if TYPE_CHECKING:
     from powersmc.server.execute import Executor
@@ -86,7 +89,7 @@ class StepWorker(RequestQueue):
                     self._cond.wait()
                 if self._closed:
                     break
-                new, self._pending = list(self._pending), deque()
+                new = self._take()
             for item in new:
                 self._admit(item)
             self._drop_abandoned()
@@ -102,6 +105,21 @@ class StepWorker(RequestQueue):
             self._report()
         self._shutdown()
 
+    def _take(self) -> list[WorkItem]:
+        """The queued requests to start now, oldest first. On an engine that cannot share the
+        model between two steps (vLLM), a request that runs whole waits, with everything
+        queued after it, until the batch has drained (FIFO: nothing starves)."""
+        assert self.sched is not None
+        engine = self.sched.engine
+        out: list[WorkItem] = []
+        while self._pending:
+            item = self._pending[0]
+            if not engine.interleaves and runs_whole(item.job, proposals=engine.proposals) and (
+                    out or self._live or not self.sched.idle):
+                break
+            out.append(self._pending.popleft())
+        return out
+
     def _admit(self, item: WorkItem) -> None:
         """Hand a request to the scheduler (Power-SMC) or run it whole (the other methods)."""
         assert self.sched is not None
@@ -116,7 +134,7 @@ class StepWorker(RequestQueue):
             self.metrics.request_started(time.monotonic() - item.enqueued)
         try:
             ids = executor.encode(job)
-            if not scheduled(job):
+            if runs_whole(job, proposals=self.sched.engine.proposals):
                 outcome: Any = executor.run([job])[0]
                 self._answer(item, outcome)
                 return
