@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
-from serve_load import free_port, load
+from serve_load import closed_loop, free_port, uniform
 
 PING = {"max_tokens": 1, "method": "plain", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -129,7 +129,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(proc, url, replicas, log)
-            load(url, 1, 1, body, args.timeout)  # warm-up
+            closed_loop(url, 1, uniform(body, 1), args.timeout)  # warm-up
             if name in ("single", f"1x{cores}"):
                 results["pings"][name] = pings(url, args.pings)
             for c in levels:
@@ -137,7 +137,7 @@ def main() -> None:
                     if time.monotonic() - started > args.deadline:
                         raise SystemExit("--deadline reached")
                     results["load"].setdefault(c, {}).setdefault(name, []).append(
-                        load(url, c, args.requests, body, args.timeout))
+                        closed_loop(url, c, uniform(body, args.requests), args.timeout))
         finally:
             stop(proc)
     print(f"SMC N={args.particles} T={args.tokens} alpha={args.alpha}, {args.requests} "

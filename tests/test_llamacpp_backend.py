@@ -117,6 +117,33 @@ def test_several_prompts_in_one_context_match_recompute(llama_lm):
     assert torch.allclose(logp, _from_scratch(lm, seqs), atol=ATOL)
 
 
+def test_steps_wider_than_one_decode_match_recompute(llama_lm):
+    """A step over more rows than one llama_decode takes (`DECODE_ROWS`) is fed in several
+    decodes: every row's log-probs still equal a from-scratch evaluation, after a reorder
+    that mixes rows of different decodes too."""
+    from powersmc.backends.llamacpp_lm import DECODE_ROWS
+
+    lm = llama_lm
+    prompts = [lm.encode_prompt(t) for t in ("Hi.", "Count to five.", "Name a colour.")]
+    rows = DECODE_ROWS // 2 + 3  # 3 prompts: 81 rows, two decodes
+    state, logp = lm.prefill_many(prompts, rows, budget=rows * 8)
+    seqs = [list(p) for p in prompts for _ in range(rows)]
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
+        for s, t in zip(seqs, tok.tolist(), strict=True):
+            s.append(t)
+        logp = lm.step(state, tok)
+    index = torch.randint(0, len(seqs), (len(seqs),), generator=gen)
+    lm.reorder(state, index)
+    seqs = [list(seqs[i]) + [100 + k % 50] for k, i in enumerate(index.tolist())]
+    logp = lm.step(state, torch.tensor([100 + k % 50 for k in range(len(seqs))]))
+    picked = list(range(0, len(seqs), 7)) + [len(seqs) - 1]
+    assert len(seqs) > DECODE_ROWS
+    assert torch.allclose(logp[picked], _from_scratch(lm, [seqs[i] for i in picked]),
+                          atol=ATOL)
+
+
 def test_sequences_are_released(llama_lm):
     """States free their sequence ids (and cells) when dropped: MH's discarded proposals and
     finished runs leave nothing behind, and the next run reuses the context."""
