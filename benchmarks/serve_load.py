@@ -59,12 +59,6 @@ def workload(requests: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def uniform(body: dict, requests: int) -> list[dict]:
-    """`requests` copies of one request over the prompts (serve_replicas.py's load)."""
-    return [body | {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
-            for i in range(requests)]
-
-
 def launch(port: int, flags: list[str], log: Path) -> subprocess.Popen:
     """Start `powersmc serve` on 127.0.0.1:port, output to `log` (returns at once)."""
     cmd = [sys.executable, "-m", "powersmc", "serve", "--host", "127.0.0.1", "--port",

@@ -2,12 +2,13 @@
 replicas, and the routing cost of Ray Serve.
 
 Usage: python benchmarks/serve_replicas.py [--cores 2] [--clients 1,8,32] [--requests 64]
-       [--particles 8] [--tokens 64] [--max-batch 32] [--rounds 2] [--pings 200]
-       [--deadline 3600] [--out FILE.json] [-- extra `powersmc serve` flags]
+       [--max-batch 32] [--rounds 2] [--pings 200] [--deadline 3600] [--out FILE.json]
+       [-- extra `powersmc serve` flags]
 
 Servers, started one at a time (an idle Ray cluster still costs CPU), each measured for
-`--rounds` rounds of `benchmarks/serve_load.py`'s mixed load (the same unseeded SMC chat
-requests from C client threads; answers/s, p50 / p95, errors, mean tokens):
+`--rounds` rounds of `benchmarks/serve_load.py`'s mixed workload (Power-SMC chat requests
+with N 4 / 8 / 16, max_tokens 16-128, alpha 2 / 4, a third seeded) from C client threads
+(answers/s, p50 / p95, errors, mean tokens):
 
   single   one process, --threads CORES           (no Ray)
   1xCORES  --replicas 1 --threads CORES           (Ray Serve, one model copy)
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
-from serve_load import closed_loop, free_port, uniform
+from serve_load import closed_loop, free_port, workload
 
 PING = {"max_tokens": 1, "method": "plain", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -100,9 +101,7 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--particles", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--alpha", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0, help="the workload")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--pings", type=int, default=200)
@@ -112,10 +111,8 @@ def main() -> None:
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     levels = [int(c) for c in args.clients.split(",")]
     cores = args.cores
-    body = {"max_tokens": args.tokens, "particles": args.particles, "alpha": args.alpha,
-            "method": "smc"}
-    common = ["--max-particles", str(max(64, args.particles)), "--max-tokens-limit",
-              str(max(2048, args.tokens)), *extra]
+    bodies = workload(args.requests, args.seed)
+    common = ["--max-particles", "64", "--max-tokens-limit", "2048", *extra]
     servers = {"single": (["--threads", str(cores)], 1),
                f"1x{cores}": (["--replicas", "1", "--threads", str(cores)], 1),
                f"{cores}x1": (["--replicas", str(cores), "--threads", "1"], cores)}
@@ -129,7 +126,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(proc, url, replicas, log)
-            closed_loop(url, 1, uniform(body, 1), args.timeout)  # warm-up
+            closed_loop(url, 1, bodies[:1], args.timeout)  # warm-up
             if name in ("single", f"1x{cores}"):
                 results["pings"][name] = pings(url, args.pings)
             for c in levels:
@@ -137,11 +134,11 @@ def main() -> None:
                     if time.monotonic() - started > args.deadline:
                         raise SystemExit("--deadline reached")
                     results["load"].setdefault(c, {}).setdefault(name, []).append(
-                        closed_loop(url, c, uniform(body, args.requests), args.timeout))
+                        closed_loop(url, c, bodies, args.timeout))
         finally:
             stop(proc)
-    print(f"SMC N={args.particles} T={args.tokens} alpha={args.alpha}, {args.requests} "
-          f"requests per level, {args.rounds} rounds (medians), {cores} cores")
+    print(f"mixed SMC workload (serve_load.py), {args.requests} requests per level, "
+          f"{args.rounds} rounds (medians), {cores} cores")
     print("| clients | server | answers/s | p50 s | p95 s | errors | mean tokens |")
     print("|---|---|---|---|---|---|---|")
     for c, by in results["load"].items():
