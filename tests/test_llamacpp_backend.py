@@ -144,6 +144,17 @@ def test_steps_wider_than_one_decode_match_recompute(llama_lm):
                           atol=ATOL)
 
 
+def test_a_full_batch_resamples_within_the_sequence_limit(llama_lm):
+    """255 rows (llama.cpp's limit) all copying one row: the sequences no row keeps are
+    released before the copies take theirs."""
+    lm = llama_lm
+    state, _ = lm.prefill(lm.encode_prompt("Hi."), lm.max_rows, budget=lm.max_rows * 2)
+    lm.step(state, torch.arange(lm.max_rows) % 50 + 100)
+    lm.reorder(state, torch.full((lm.max_rows,), 7))
+    logp = lm.step(state, torch.full((lm.max_rows,), 9))
+    assert torch.allclose(logp[::50], logp[:1].expand(len(logp[::50]), -1))
+
+
 def test_sequences_are_released(llama_lm):
     """States free their sequence ids (and cells) when dropped: MH's discarded proposals and
     finished runs leave nothing behind, and the next run reuses the context."""

@@ -534,19 +534,19 @@ class LlamaCppLM:
 
     def reorder(self, state: LlamaState, index: torch.Tensor) -> None:
         """Row k becomes old row index[k]: a row's first use keeps its sequence, repeats get
-        fresh sequences sharing its cells, and sequences no row uses are removed."""
+        fresh sequences sharing its cells, and sequences no row uses are removed (first, so
+        that a full batch can be resampled within llama.cpp's sequence limit)."""
         idx = index.cpu().numpy().astype(np.int64)
         ctx, old = state.seqs.ctx, state.seqs.ids
         _, first = np.unique(idx, return_index=True)
         repeat = np.ones(idx.size, dtype=bool)
         repeat[first] = False
         new = old[idx].copy()
+        ctx.release(np.setdiff1d(old, new[~repeat], assume_unique=True).tolist())
         fresh = ctx.take(int(repeat.sum()))
         for k, dst in zip(np.flatnonzero(repeat).tolist(), fresh.tolist(), strict=True):
             ctx.copy(int(old[idx[k]]), dst)
         new[repeat] = fresh
-        unused = np.setdiff1d(old, new[~repeat], assume_unique=True)
-        ctx.release(unused.tolist())
         state.seqs.ids = new
         state.pos, state.prompt_len = state.pos[idx], state.prompt_len[idx]
 

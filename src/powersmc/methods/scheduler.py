@@ -458,8 +458,13 @@ class Scheduler:
                 keep.append(s)
         adapted = any(s.o.adapted for s in live)
         with record_function("powersmc.reorder"):
-            self.engine.reorder(torch.from_numpy(np.concatenate(index)).to(self.engine.device),
-                                counts, torch.cat(lasts) if adapted else None)
+            try:
+                self.engine.reorder(torch.from_numpy(np.concatenate(index)).to(
+                    self.engine.device), counts, torch.cat(lasts) if adapted else None)
+            except Exception as exc:  # the batch's rows are lost: every live system fails
+                self.live = keep
+                self._fail_all(exc)
+                return
         self.live = keep
 
     def close(self) -> None:
