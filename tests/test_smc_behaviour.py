@@ -76,7 +76,7 @@ def test_fixed_temperature_and_custom_proposal_stay_exact_in_expectation():
         ({"alpha": float("nan")}, "alpha"),
         ({"alpha": float("inf")}, "alpha"),
         ({"particles": 0}, "particles"),
-        ({"ess_threshold": 0.0}, "ess_threshold"),
+        ({"ess_threshold": -0.1}, "ess_threshold"),
         ({"ess_threshold": 1.5}, "ess_threshold"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"resampler": "nope"}, "resampler"),
