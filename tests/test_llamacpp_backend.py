@@ -17,7 +17,7 @@ import gc
 import numpy as np
 import pytest
 import torch
-from backend_checks import grow
+from backend_checks import grow, sample_steps
 
 from powersmc import InputError, load_model, smc_sample, smc_sample_many
 from powersmc.backends.llamacpp_lm import LlamaCppLM
@@ -104,12 +104,7 @@ def test_several_prompts_in_one_context_match_recompute(llama_lm):
     seqs = [list(p) for p in prompts for _ in range(2)]
     assert torch.allclose(logp, _from_scratch(lm, seqs), atol=ATOL)
     assert state.pos.tolist() == [len(prompts[0])] * 2 + [len(prompts[1])] * 2
-    gen = torch.Generator().manual_seed(4)
-    for _ in range(3):
-        tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
-        for s, t in zip(seqs, tok.tolist(), strict=True):
-            s.append(t)
-        logp = lm.step(state, tok)
+    logp = sample_steps(lm, state, logp, seqs, 3, torch.Generator().manual_seed(4))
     index = [3, 0, 3]
     lm.reorder(state, torch.tensor(index))
     seqs = [list(seqs[i]) + [100 + k] for k, i in enumerate(index)]
@@ -129,11 +124,7 @@ def test_steps_wider_than_one_decode_match_recompute(llama_lm):
     state, logp = lm.prefill_many(prompts, rows, budget=rows * 8)
     seqs = [list(p) for p in prompts for _ in range(rows)]
     gen = torch.Generator().manual_seed(5)
-    for _ in range(2):
-        tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
-        for s, t in zip(seqs, tok.tolist(), strict=True):
-            s.append(t)
-        logp = lm.step(state, tok)
+    logp = sample_steps(lm, state, logp, seqs, 2, gen)
     index = torch.randint(0, len(seqs), (len(seqs),), generator=gen)
     lm.reorder(state, index)
     seqs = [list(seqs[i]) + [100 + k % 50] for k, i in enumerate(index.tolist())]

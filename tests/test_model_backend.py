@@ -7,7 +7,7 @@ and for MH's forks of a kept prefix.
 
 import pytest
 import torch
-from backend_checks import grow
+from backend_checks import grow, sample_steps
 
 from powersmc import smc_sample
 
@@ -80,12 +80,7 @@ def test_several_prompts_left_padded_match_recompute(default_lm):
     state, logp = lm.prefill_many(prompts, 2)
     seqs = [list(p) for p in prompts for _ in range(2)]
     assert torch.allclose(logp, _from_scratch(lm, seqs), atol=ATOL)
-    gen = torch.Generator().manual_seed(4)
-    for _ in range(3):
-        tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
-        for s, t in zip(seqs, tok.tolist(), strict=True):
-            s.append(t)
-        logp = lm.step(state, tok)
+    logp = sample_steps(lm, state, logp, seqs, 3, torch.Generator().manual_seed(4))
     assert torch.allclose(logp, _from_scratch(lm, seqs), atol=ATOL)
     index = [3, 0, 3]
     lm.reorder(state, torch.tensor(index))
