@@ -21,6 +21,7 @@ from powersmc.server.errors import APIError, from_input_error
 from powersmc.server.jobs import Job
 from powersmc.server.plain import plain_sample
 from powersmc.server.schemas import MAX_SEED
+from powersmc.server.systems import DECODING
 
 
 @dataclass
@@ -136,7 +137,7 @@ class Executor:
         if job.seed is None and len(results) > 1:  # each system drew its own seed
             info["seed"] = None
         info["seconds"] = max(r.cost.seconds for r in results)
-        if job.method in ("plain", "lowtemp", "greedy"):
+        if job.method in DECODING:
             choices = [self._choice(job, p.token_ids, p.text, p.finished)
                        for r in results for p in r.particles]
             return JobResult(choices, sum(map(len, ids)), info)
@@ -152,7 +153,7 @@ class Executor:
         start, choices = time.perf_counter(), []
         results: list[SampleResult] = []
         for prompt in ids:
-            if job.method in ("plain", "lowtemp", "greedy"):
+            if job.method in DECODING:
                 res = self._decode(job, prompt, self._seed(job, len(results)))
                 results.append(res)
                 choices += [self._choice(job, s, t, f) for s, t, f in
