@@ -152,12 +152,15 @@ def open_loop(url: str, arrivals: list[float], bodies: list[dict], timeout: floa
         return summary(out, max(x["end"] for x in out) - start)
 
 
-def offline(bodies: list[dict], threads: int, max_batch: int) -> dict:
-    """The same requests submitted at once to one in-process `Scheduler` (no server)."""
+def offline(bodies: list[dict], flags: list[str], max_batch: int) -> dict:
+    """The same requests submitted at once to one in-process `Scheduler` (no server), on the
+    model the servers' `flags` load (backend, device, dtype, threads included)."""
     from powersmc import Scheduler, load_model
+    from powersmc.cli import build_parser
     from powersmc.server.execute import chat_prompt_ids
+    from powersmc.server.run import model_kwargs
 
-    lm = load_model(chat=False, threads=threads)
+    lm = load_model(**model_kwargs(build_parser().parse_args(["serve", *flags])))
     sched = Scheduler(lm, max_systems=max_batch)
     ids = [chat_prompt_ids(lm, b["messages"]) for b in bodies]
     start = time.perf_counter()
@@ -233,7 +236,7 @@ def main() -> None:
                 p.kill()
     print("offline Scheduler", file=sys.stderr)
     try:
-        off = [offline(bodies, args.threads, args.max_batch) for _ in range(args.rounds)]
+        off = [offline(bodies, flags, args.max_batch) for _ in range(args.rounds)]
     except Exception as exc:  # noqa: BLE001 - the servers' figures are still reported
         print(f"the offline run failed: {exc!r}", file=sys.stderr)
         off = []

@@ -17,6 +17,11 @@ Two Ray Serve deployments in one application:
   `replica_failed` (the replica died with the request on it), `no_replica_available` (none
   ready: all loading, dead or unhealthy, or none took the request within `assign_timeout_s`).
 
+Shutdown (SIGTERM) drains as the single process does: the ingress stops admitting (503
+`shutting_down`, /health 503 `draining`), the requests it has forwarded may finish for up to
+--shutdown-timeout seconds, those still running are then cancelled (503 `shutting_down`), and
+only then is the application deleted. A second SIGTERM cancels at once.
+
 This module imports Ray only inside functions; the single-process path never imports it.
 """
 
@@ -223,6 +228,23 @@ class Ingress:
         self.replicas, self.config, self.placement = replicas, config, placement
         self.reports: dict[str, _Report] = {}
         self.fleet = FleetMetrics()
+        self.draining = self.aborting = False
+        self.forwarded: set[Any] = set()  # the replicas' responses still awaited
+
+    async def drain(self) -> int:
+        """Stop admitting (new requests: 503 `shutting_down`); the number still in flight."""
+        self.draining = True
+        return len(self.forwarded)
+
+    async def in_flight(self) -> int:
+        return len(self.forwarded)
+
+    async def abort(self) -> int:
+        """Cancel every forwarded request still running (each answered 503); how many."""
+        self.draining = self.aborting = True
+        for response in list(self.forwarded):
+            response.cancel()
+        return len(self.forwarded)
 
     async def report(self, data: dict[str, Any]) -> None:
         """A replica's report (periodic, or with an answer: then without metrics)."""
@@ -249,11 +271,15 @@ class Ingress:
         path, method = request.url.path, request.method
         if path == "/health" and method == "GET":
             body, ready = fleet_health(self.fresh(), self.config.model_name)
-            return JSONResponse(body, status_code=200 if ready else 503)
+            if self.draining:
+                body["status"] = "draining"
+            return JSONResponse(body, status_code=200 if ready and not self.draining else 503)
         if path == "/metrics" and method == "GET":
             data, content_type = fleet_metrics(self.fresh(), self.fleet)
             return Response(data, headers={"Content-Type": content_type})
         try:
+            if self.draining:
+                raise APIError(503, "the server is shutting down", code="shutting_down")
             answer = await self._forward(request)
         except APIError as exc:
             self.fleet.error(exc.status, exc.code)
@@ -282,6 +308,7 @@ class Ingress:
                "query": request.url.query, "headers": list(request.headers.raw),
                "body": bytes(body)}
         response = self.replicas.handle.remote(req)
+        self.forwarded.add(response)
         try:
             assigned = asyncio.ensure_future(response._to_object_ref())
             done, _ = await asyncio.wait({assigned}, timeout=self.placement.assign_timeout_s)
@@ -296,6 +323,11 @@ class Ingress:
             response.cancel()
             raise
         except (RequestCancelledError, ray.exceptions.TaskCancelledError):
+            if self.aborting:
+                raise APIError(503, "the server is shutting down and this request did not "
+                               "finish within --shutdown-timeout "
+                               f"({self.config.shutdown_timeout:g} s); its work was cancelled",
+                               code="shutting_down") from None
             return None
         except BackPressureError:
             raise APIError(429, "every replica's queue is full; retry shortly",
@@ -308,6 +340,8 @@ class Ingress:
             raise APIError(503, "the replica serving this request stopped before answering "
                            f"({type(exc).__name__}); it is being replaced: retry",
                            code="replica_failed") from None
+        finally:
+            self.forwarded.discard(response)
 
 
 def _unavailable(why: str) -> APIError:
@@ -316,8 +350,11 @@ def _unavailable(why: str) -> APIError:
 
 # ---------------------------------------------------------------- start-up
 
-def build_app(spec: Any, config: ServerConfig, placement: Placement) -> Any:
-    """The Ray Serve application: `Ingress` in front of the `Replica` deployment."""
+def build_app(spec: Any, config: ServerConfig, placement: Placement,
+              autoscaling: dict[str, Any] | None = None) -> Any:
+    """The Ray Serve application: `Ingress` in front of the `Replica` deployment.
+    `autoscaling`: more of Ray Serve's `autoscaling_config` (`upscale_delay_s`, default 30;
+    `downscale_delay_s`, default 600; `look_back_period_s`, ...), used when autoscaling."""
     from ray import serve
 
     options: dict[str, Any] = {
@@ -334,7 +371,7 @@ def build_app(spec: Any, config: ServerConfig, placement: Placement) -> Any:
             "min_replicas": placement.min_replicas, "max_replicas": placement.max_replicas,
             "initial_replicas": placement.replicas,
             # queued + running requests per replica Ray Serve aims at: one full batch
-            "target_ongoing_requests": config.max_batch}
+            "target_ongoing_requests": config.max_batch} | (autoscaling or {})
     else:
         options["num_replicas"] = placement.replicas
     replica = serve.deployment(Replica, name="Replica").options(**options)
@@ -349,17 +386,19 @@ def replicated(spec: Any, config: ServerConfig, replicas: int, *, host: str = "1
                port: int = 8000, threads: int | None = None, device: str = "auto",
                min_replicas: int | None = None, max_replicas: int | None = None,
                ray_address: str | None = None, assign_timeout_s: float = 10.0,
-               ready_timeout_s: float = 600.0) -> Iterator[str]:
+               ready_timeout_s: float = 600.0, autoscaling: dict[str, Any] | None = None,
+               hurry: threading.Event | None = None) -> Iterator[str]:
     """Serve `spec`'s model on `replicas` Ray Serve replicas at http://host:port until the
     block ends; yields the base URL once /health is 200. Joins the Ray session this process
     has, else the cluster at `ray_address` (or $RAY_ADDRESS), else starts a local one (and
-    stops it at the end)."""
+    stops it at the end). `autoscaling`: see `build_app`. When the block ends the ingress
+    drains (`drain`); `hurry`, once set, cuts the drain short."""
     from ray import serve
 
     from powersmc.eval.ray_pool import _check_reachable, import_ray
 
     ray = import_ray()
-    own = False
+    own, ingress = False, None
     if ray.is_initialized():
         if ray_address is not None:
             raise InputError("--ray-address", "unset when this process is already connected "
@@ -373,6 +412,7 @@ def replicated(spec: Any, config: ServerConfig, replicas: int, *, host: str = "1
         address = ray_address or (None if os.environ.get("RAY_ADDRESS") else "local")
         extra = {"object_store_memory": LOCAL_OBJECT_STORE_BYTES} if address == "local" else {}
         level = min(logging.WARNING, logging.getLogger().getEffectiveLevel())
+        handlers = _python_signal_handlers()
         try:
             ray.init(address=address, include_dashboard=False,
                      log_to_driver=level <= logging.DEBUG, logging_level=level, **extra)
@@ -380,6 +420,8 @@ def replicated(spec: Any, config: ServerConfig, replicas: int, *, host: str = "1
             raise InputError("--ray-address", "the address of a running Ray cluster: "
                              f"{exc}", ray_address) from None
         own = True
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     try:
         res = ray.cluster_resources()
         placement = plan(replicas, threads=threads, device=device, cpus=res.get("CPU", 0.0),
@@ -388,18 +430,50 @@ def replicated(spec: Any, config: ServerConfig, replicas: int, *, host: str = "1
         placement = Placement(**{**placement.__dict__, "assign_timeout_s": assign_timeout_s})
         serve.start(http_options={"host": host, "port": port},
                     logging_config={"log_level": "WARNING"})
-        serve.run(build_app(spec, config, placement), name=APP_NAME, route_prefix="/",
-                  logging_config={"log_level": "WARNING"})
+        ingress = serve.run(build_app(spec, config, placement, autoscaling), name=APP_NAME,
+                            route_prefix="/", logging_config={"log_level": "WARNING"})
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         _wait_ready(url, ready_timeout_s)
         yield url
     finally:
+        if ingress is not None:
+            try:
+                drain(ingress, config.shutdown_timeout, hurry or threading.Event())
+            except Exception as exc:  # noqa: BLE001 - still delete the application
+                log.warning("drain failed: %s", exc)
         with contextlib.suppress(Exception):
             serve.delete(APP_NAME)
         if own:
             with contextlib.suppress(Exception):
                 serve.shutdown()
             ray.shutdown()
+
+
+def _python_signal_handlers() -> dict[int, Any]:
+    """The Python handlers of SIGTERM and SIGINT now set (main thread only). `ray.init`
+    replaces them (SIGTERM: `sys.exit(15)`, then its C++ failure handler, which aborts the
+    process a moment later), so `replicated` puts them back after it: a drain set up by the
+    caller (`serve_replicated`) then runs and the process exits 0."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: h for sig in (signal.SIGTERM, signal.SIGINT)
+            if callable(h := signal.getsignal(sig))}
+
+
+def drain(ingress: Any, timeout: float, hurry: threading.Event) -> None:
+    """Through the ingress's handle: stop admitting, wait until the forwarded requests have
+    finished, `timeout` seconds have passed or `hurry` is set, then cancel what is left."""
+    left = ingress.drain.remote().result(timeout_s=30)
+    log.warning("draining: new requests get 503; %d in flight get up to %g s", left, timeout)
+    end = time.monotonic() + timeout
+    while left and time.monotonic() < end and not hurry.wait(0.25):
+        left = ingress.in_flight.remote().result(timeout_s=30)
+    if left:
+        log.warning("shutdown timeout: cancelling %d request(s) still in flight", left)
+        ingress.abort.remote().result(timeout_s=30)
+        end = time.monotonic() + 10  # their 503s go out before the app is deleted
+        while ingress.in_flight.remote().result(timeout_s=30) and time.monotonic() < end:
+            time.sleep(0.1)
 
 
 def _wait_ready(url: str, timeout: float) -> None:
@@ -415,17 +489,17 @@ def _wait_ready(url: str, timeout: float) -> None:
 
 
 def serve_replicated(args: Any, config: ServerConfig, spec: Any) -> int:
-    """`powersmc serve --replicas K`: serve until SIGTERM or SIGINT, then delete the app (Ray
-    Serve lets requests in flight finish for up to --shutdown-timeout seconds)."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    """`powersmc serve --replicas K`: serve until SIGTERM or SIGINT, drain (`drain`: requests
+    in flight may finish for up to --shutdown-timeout seconds), delete the app, exit 0."""
+    stop, hurry = threading.Event(), threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # the first drains, the second cuts it short
+        signal.signal(sig, lambda *_: (hurry if stop.is_set() else stop).set())
     print(f"powersmc serve: starting {args.replicas} Ray Serve replica(s) of "
           f"{config.model_name}; each loads the model", file=sys.stderr, flush=True)
     with replicated(spec, config, args.replicas, host=args.host, port=args.port,
                     threads=args.threads, device=args.device or "auto",
                     min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                    ray_address=args.ray_address) as url:
+                    ray_address=args.ray_address, hurry=hurry) as url:
         print(f"powersmc serve: {config.model_name} on {url}/v1 ({args.replicas} replicas, "
               f"method {config.defaults['method']}); ready", file=sys.stderr, flush=True)
         stop.wait()
