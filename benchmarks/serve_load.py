@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,6 @@ from pathlib import Path
 
 import httpx
 
-LOGS: dict[int, Path] = {}
 PROMPTS = ["What is 12 * 7?", "Explain why the sky is blue.", "Name three prime numbers.",
            "Write one sentence about the sea.", "What is the capital of Italy?",
            "How many legs does a spider have?", "Give a synonym for 'happy'.",
@@ -60,28 +60,51 @@ def workload(requests: int, seed: int = 0) -> list[dict]:
 
 
 def launch(port: int, flags: list[str], log: Path) -> subprocess.Popen:
-    """Start `powersmc serve` on 127.0.0.1:port, output to `log` (returns at once)."""
+    """Start `powersmc serve` on 127.0.0.1:port in its own session, output to `log` (returns
+    at once; see `stop`)."""
     cmd = [sys.executable, "-m", "powersmc", "serve", "--host", "127.0.0.1", "--port",
            str(port), "--max-queue", "256", "--log-level", "warning", *flags]
     with open(log, "w") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env=os.environ | {"HF_HUB_OFFLINE": "1"})
+                                env=os.environ | {"HF_HUB_OFFLINE": "1"},
+                                start_new_session=True)
 
 
-def wait_up(proc: subprocess.Popen, port: int, timeout: float) -> None:
-    """Return once the server's /health answers; exit if it died or took too long."""
+def wait_ready(proc: subprocess.Popen, port: int, log: Path, replicas: int = 0,
+               timeout: float = 600) -> None:
+    """Return once the server's /health is 200 (a replicated one's: with `replicas` ready);
+    exit if it died or took too long."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server on port {port} exited with {proc.returncode} "
-                             f"(its output: {LOGS.get(port)})")
+                             f"(its output: {log})")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+            r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+            if r.status_code == 200 and r.json().get("ready_replicas", 1) >= replicas:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise SystemExit(f"server on port {port} did not start within {timeout:.0f}s")
+    raise SystemExit(f"server on port {port} did not start within {timeout:.0f} s "
+                     f"(its output: {log})")
+
+
+def stop(*procs: subprocess.Popen) -> None:
+    """SIGTERM each server, then SIGKILL its whole session (a replicated server's Ray
+    cluster leaves helper processes behind)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def free_port() -> int:
@@ -204,14 +227,14 @@ def main() -> None:
     names = ("continuous", "windowed")
     ports = {n: free_port() for n in names}
     logs = Path(tempfile.mkdtemp(prefix="serve_load-"))
-    LOGS.update({p: logs / f"serve-{n}.log" for n, p in ports.items()})
-    procs = {n: launch(ports[n], [*flags, "--batching", n], LOGS[ports[n]]) for n in names}
+    log = {n: logs / f"serve-{n}.log" for n in names}
+    procs = {n: launch(ports[n], [*flags, "--batching", n], log[n]) for n in names}
     started = time.monotonic()
     results: dict[str, dict[str, list[dict]]] = {}
     kinds = [str(c) for c in levels] + (["open"] if args.rate else [])
     try:
         for n, proc in procs.items():
-            wait_up(proc, ports[n], 300)
+            wait_ready(proc, ports[n], log[n], timeout=300)
             closed_loop(f"http://127.0.0.1:{ports[n]}", 1, bodies[:1], args.timeout)  # warm
         for kind in kinds:
             results[kind] = {n: [] for n in names}
@@ -227,13 +250,7 @@ def main() -> None:
     except TimeoutError as exc:
         print(f"stopped early: {exc}", file=sys.stderr)
     finally:
-        for p in procs.values():
-            p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(*procs.values())
     print("offline Scheduler", file=sys.stderr)
     try:
         off = [offline(bodies, flags, args.max_batch) for _ in range(args.rounds)]

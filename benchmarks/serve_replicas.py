@@ -23,61 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from serve_load import closed_loop, free_port, workload
+from serve_load import closed_loop, free_port, launch, stop, wait_ready, workload
 
 PING = {"max_tokens": 1, "method": "plain", "messages": [{"role": "user", "content": "Hi"}]}
-
-
-def launch(port: int, max_batch: int, extra: list[str], log: Path) -> subprocess.Popen:
-    """`powersmc serve` on 127.0.0.1:port in its own session (see `stop`)."""
-    cmd = [sys.executable, "-m", "powersmc", "serve", "--host", "127.0.0.1", "--port",
-           str(port), "--max-batch", str(max_batch), "--max-queue", "256",
-           "--log-level", "warning", *extra]
-    with open(log, "w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env=os.environ | {"HF_HUB_OFFLINE": "1"},
-                                start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then kill its whole session: Ray 2.60 leaves a local cluster's agents behind
-    the process that started it."""
-    proc.terminate()
-    try:
-        proc.wait(90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def wait_ready(proc: subprocess.Popen, url: str, replicas: int, log: Path,
-               timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} (output: {log})")
-        try:
-            r = httpx.get(f"{url}/health", timeout=2)
-            if r.status_code == 200 and r.json().get("ready_replicas", 1) >= replicas:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"server did not become ready in {timeout:.0f} s (output: {log})")
 
 
 def pings(url: str, n: int) -> dict:
@@ -122,10 +77,10 @@ def main() -> None:
     for name, (flags, replicas) in servers.items():
         port = free_port()
         log = logs / f"{name}.log"
-        proc = launch(port, args.max_batch, [*common, *flags], log)
+        proc = launch(port, ["--max-batch", str(args.max_batch), *common, *flags], log)
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(proc, url, replicas, log)
+            wait_ready(proc, port, log, replicas)
             closed_loop(url, 1, bodies[:1], args.timeout)  # warm-up
             if name in ("single", f"1x{cores}"):
                 results["pings"][name] = pings(url, args.pings)

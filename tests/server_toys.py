@@ -10,11 +10,16 @@ prompt containing "boom" raises inside the batch.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import httpx
 
@@ -105,6 +110,50 @@ def live_server(lm, **config) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+@contextmanager
+def serve_process(*flags: str, replicas: int = 0, timeout: float = 240,
+                  env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`powersmc serve *flags` as a user runs it: a subprocess on a free localhost port on the
+    default model (one torch thread unless OMP_NUM_THREADS says otherwise); yields (base URL,
+    process) once /health is 200 (with `replicas`, once that many replicas are ready). Its
+    own session, stderr to a file (a pipe fills): at the end SIGTERM, then SIGKILL of the
+    whole group (Ray leaves a local cluster's agents behind the process that started it)."""
+    port = free_port()
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} | (env or {})
+    cmd = [sys.executable, "-m", "powersmc", "serve", "--port", str(port), *flags]
+    err = tempfile.NamedTemporaryFile("w+", prefix="powersmc-serve-", suffix=".log")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                err.seek(0)
+                raise RuntimeError(f"powersmc serve exited {proc.returncode}: "
+                                   f"{err.read()[-3000:]}")
+            with suppress(httpx.HTTPError):
+                r = httpx.get(f"{url}/health", timeout=2)
+                if r.status_code == 200 and r.json().get("ready_replicas", 1) >= replicas:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"powersmc serve did not come up within {timeout:g} s")
+            time.sleep(0.25)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        err.close()
 
 
 def wait_for(predicate, timeout: float = 10.0) -> None:

@@ -8,14 +8,9 @@ Small for CI (2 cores): N = 4 particles, one torch thread.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -23,44 +18,17 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
-from server_toys import free_port, wait_for  # noqa: E402
+from server_toys import serve_process, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.model
 START_TIMEOUT_S = 240
 
 
-@contextmanager
-def serve(*flags: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`powersmc serve` on a free port; yields (base URL, process) once /health is 200."""
-    port = free_port()
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    cmd = [sys.executable, "-m", "powersmc", "serve", "--port", str(port), "--device", "cpu",
-           "--particles", "4", "--max-batch", "8", "--batch-wait-ms", "0",
-           "--log-level", "warning", *flags]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    url = f"http://127.0.0.1:{port}"
-    statuses = set()
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"powersmc serve exited {proc.returncode}: {proc.stderr.read()}")
-            try:
-                statuses.add(code := httpx.get(f"{url}/health", timeout=2).status_code)
-                if code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("powersmc serve did not come up in time")
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+def serve(*flags: str):
+    """`powersmc serve` on the default model; yields (base URL, process) once ready."""
+    return serve_process("--device", "cpu", "--particles", "4", "--max-batch", "8",
+                         "--batch-wait-ms", "0", "--log-level", "warning", *flags,
+                         timeout=START_TIMEOUT_S)
 
 
 def _ask(url: str, body: dict, out: list) -> threading.Thread:

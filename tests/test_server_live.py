@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from server_toys import free_port  # noqa: E402
+from server_toys import serve_process  # noqa: E402
 
 pytestmark = pytest.mark.model
 KEY = "sk-live-test"
@@ -33,38 +33,10 @@ START_TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def server():
     """A live `powersmc serve` on the default model; yields its base URL."""
-    port = free_port()
-    # one torch thread: a server that shares its cores with other work stalls far less
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    cmd = [sys.executable, "-m", "powersmc", "serve", "--port", str(port), "--api-key", KEY,
-           "--device", "cpu", "--particles", "4", "--max-new-tokens", "24",
-           "--max-batch", "8", "--batch-wait-ms", "200", "--max-tokens-limit", "100000",
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"powersmc serve exited {proc.returncode}: {proc.stderr.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("powersmc serve did not come up in time")
-            time.sleep(0.5)
+    with serve_process("--api-key", KEY, "--device", "cpu", "--particles", "4",
+                       "--max-new-tokens", "24", "--max-batch", "8", "--batch-wait-ms", "200",
+                       "--max-tokens-limit", "100000", "--log-level", "warning") as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,8 @@ this module's `server` fixture): the replicated endpoint must pass them unchange
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -20,7 +16,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 
-from server_toys import free_port, wait_for  # noqa: E402
+from server_toys import serve_process, wait_for  # noqa: E402
 from test_server_live import (  # noqa: E402, F401 - collected here, against two replicas
     KEY,
     client,
@@ -38,48 +34,14 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served():
     """`powersmc serve --replicas 2` on the default model; yields (base URL, process)."""
-    port = free_port()
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                        "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
-    cmd = [sys.executable, "-m", "powersmc", "serve", "--replicas", "2", "--threads", "1",
-           "--port", str(port), "--api-key", KEY, "--device", "cpu", "--particles", "4",
-           "--max-new-tokens", "24", "--max-batch", "8", "--batch-wait-ms", "200",
-           "--max-tokens-limit", "100000", "--shutdown-timeout", "120",
-           "--log-level", "warning"]
-    # its own session: Ray 2.60 leaves a local cluster's agents behind the process that
-    # started it, so the whole group is killed at the end; stderr to a file (a pipe fills)
-    err = tmp_path_factory.mktemp("serve") / "stderr.log"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err.open("w"),
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"powersmc serve exited {proc.returncode}: {err.read_text()[-3000:]}")
-            try:
-                r = httpx.get(f"{url}/health", timeout=2)
-                if r.status_code == 200 and r.json()["ready_replicas"] == 2:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("powersmc serve --replicas 2 did not come up in time")
-            time.sleep(0.5)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    with serve_process("--replicas", "2", "--threads", "1", "--api-key", KEY, "--device",
+                       "cpu", "--particles", "4", "--max-new-tokens", "24", "--max-batch", "8",
+                       "--batch-wait-ms", "200", "--max-tokens-limit", "100000",
+                       "--shutdown-timeout", "120", "--log-level", "warning", replicas=2,
+                       timeout=START_TIMEOUT_S, env={"RAY_DEDUP_LOGS": "0"}) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
