@@ -416,8 +416,9 @@ class Scheduler:
         joined, self._joined = self._joined, []
         if not self.live:
             return
+        alpha = {id(s): s.next_alpha() for s in self.live}
         try:
-            draw = self.engine.advance([s.next_alpha() for s in self.live])
+            draw = self.engine.advance(list(alpha.values()))
         except Exception as exc:  # the batch's pass failed: every live system fails with it
             self._fail_all(exc)
             return
@@ -430,7 +431,7 @@ class Scheduler:
             if not self.live:
                 return
         live = self.live
-        alphas = [s.next_alpha() for s in live]
+        alphas = [alpha[id(s)] for s in live]
         self.steps += 1
         bounds = np.cumsum([0] + [s.rows for s in live])
         with record_function("powersmc.weights"):
