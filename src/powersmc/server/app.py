@@ -33,7 +33,12 @@ from powersmc.errors import InputError
 from powersmc.server.batching import Batcher, WorkItem, deadline_error
 from powersmc.server.body import read_json
 from powersmc.server.config import ServerConfig
-from powersmc.server.errors import APIError, from_input_error, from_validation_errors
+from powersmc.server.errors import (
+    APIError,
+    from_input_error,
+    from_validation_errors,
+    shutting_down,
+)
 from powersmc.server.execute import Executor, JobResult
 from powersmc.server.jobs import resolve
 from powersmc.server.lifecycle import Lifecycle
@@ -94,11 +99,8 @@ def create_app(lm: LanguageModel | None, config: ServerConfig, *,
 
     def abort(item: WorkItem) -> None:
         """Drain timeout: the request gets 503 and its work is cancelled."""
-        err = APIError(503, "the server is shutting down and this request did not finish "
-                       f"within --shutdown-timeout ({config.shutdown_timeout:g} s); its work "
-                       "was cancelled", code="shutting_down")
         try:
-            item.future.set_exception(err)
+            item.future.set_exception(shutting_down(config.shutdown_timeout))
         except InvalidStateError:  # answered (or given up) meanwhile
             return
         batcher.cancel(item)

@@ -20,7 +20,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from powersmc.server.errors import APIError
+from powersmc.server.errors import APIError, shutting_down
 from powersmc.server.jobs import Job
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class RequestQueue:
         item = WorkItem(job)
         with self._cond:
             if self._closed:
-                raise APIError(503, "the server is shutting down", code="shutting_down")
+                raise shutting_down()
             if len(self._pending) >= self.max_queue:
                 self.stats["rejected_queue_full"] += 1
                 raise APIError(429, f"the queue is full ({self.max_queue} requests waiting); "
@@ -124,8 +124,7 @@ class Batcher(RequestQueue):
             pending, self._pending = list(self._pending), deque()
             self._cond.notify_all()
         for item in pending:
-            item.future.set_exception(APIError(503, "the server is shutting down",
-                                               code="shutting_down"))
+            item.future.set_exception(shutting_down())
         if self._thread is not None:
             self._thread.join(timeout)
 

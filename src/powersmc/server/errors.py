@@ -32,6 +32,16 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+def shutting_down(timeout: float | None = None) -> APIError:
+    """The 503 of a server that is shutting down; with `timeout` (--shutdown-timeout), the one
+    a request gets when the drain cancels it for not finishing in time."""
+    if timeout is None:
+        return APIError(503, "the server is shutting down", code="shutting_down")
+    return APIError(503, "the server is shutting down and this request did not finish within "
+                    f"--shutdown-timeout ({timeout:g} s); its work was cancelled",
+                    code="shutting_down")
+
+
 def field_name(argument: str) -> str:
     """The request field behind a sampler argument name (`max_new_tokens` -> `max_tokens`)."""
     name = argument.lstrip("-").replace("-", "_")

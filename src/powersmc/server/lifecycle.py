@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from powersmc.server.errors import APIError
+from powersmc.server.errors import APIError, shutting_down
 from powersmc.server.metrics import Metrics
 
 log = logging.getLogger("powersmc.server")
@@ -80,7 +80,7 @@ class Lifecycle:
                             code="model_loading")
         if self.state == "failed":
             return APIError(503, "the model failed to load", code="model_load_failed")
-        return APIError(503, "the server is shutting down", code="shutting_down")
+        return shutting_down()
 
     def check(self) -> None:
         """Raise the 503 a request gets unless the server is ready."""

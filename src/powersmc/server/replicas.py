@@ -42,7 +42,7 @@ from typing import Any
 
 from powersmc.errors import InputError
 from powersmc.server.config import ServerConfig
-from powersmc.server.errors import APIError
+from powersmc.server.errors import APIError, shutting_down
 
 log = logging.getLogger("powersmc.server")
 APP_NAME = "powersmc"
@@ -279,7 +279,7 @@ class Ingress:
             return Response(data, headers={"Content-Type": content_type})
         try:
             if self.draining:
-                raise APIError(503, "the server is shutting down", code="shutting_down")
+                raise shutting_down()
             answer = await self._forward(request)
         except APIError as exc:
             self.fleet.error(exc.status, exc.code)
@@ -324,10 +324,7 @@ class Ingress:
             raise
         except (RequestCancelledError, ray.exceptions.TaskCancelledError):
             if self.aborting:
-                raise APIError(503, "the server is shutting down and this request did not "
-                               "finish within --shutdown-timeout "
-                               f"({self.config.shutdown_timeout:g} s); its work was cancelled",
-                               code="shutting_down") from None
+                raise shutting_down(self.config.shutdown_timeout) from None
             return None
         except BackPressureError:
             raise APIError(429, "every replica's queue is full; retry shortly",

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from powersmc.errors import InputError
 from powersmc.methods.scheduler import Handle, Scheduler
 from powersmc.server.batching import RequestQueue, WorkItem, deadline_error
-from powersmc.server.errors import APIError, from_input_error
+from powersmc.server.errors import APIError, from_input_error, shutting_down
 from powersmc.server.systems import runs_whole, systems
 
 if TYPE_CHECKING:
@@ -207,7 +207,7 @@ class StepWorker(RequestQueue):
             self.metrics.set_kv_cache(cells)
 
     def _shutdown(self) -> None:
-        err = APIError(503, "the server is shutting down", code="shutting_down")
+        err = shutting_down()
         with self._cond:
             pending, self._pending = list(self._pending), deque()
         for item in pending + list(self._live):
