@@ -14,6 +14,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from ray_cluster import local_ray  # noqa: E402
 from ray_toys import KW, SPEC, faulty_lm, problems, rows  # noqa: E402
 
 from powersmc.eval.ray_pool import WorkerPool  # noqa: E402
@@ -26,13 +27,10 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One local Ray cluster for the module: 8 logical CPUs (a toy worker reserves one), no
-    GPU; its workers find the tests' helper modules. Yields its address."""
-    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=8, num_gpus=0, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    """One local Ray cluster for the module: 8 logical CPUs (a toy worker reserves one).
+    Yields its address."""
+    with local_ray(8) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

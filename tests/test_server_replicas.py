@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,13 +21,13 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from ray_cluster import local_ray  # noqa: E402
 from server_toys import EchoLM, echo_lm, free_port, live_server  # noqa: E402
 
 from powersmc.models import ModelSpec  # noqa: E402
 from powersmc.server import ServerConfig  # noqa: E402
 from powersmc.server.replicas import REPORT_S, plan, replicated  # noqa: E402
 
-TESTS = Path(__file__).parent
 KEY = "sk-replicas"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CONFIG = dict(model_name="toy", api_key=KEY, max_particles=32, max_batch=8, batch_wait_ms=0,
@@ -44,11 +43,8 @@ ASSIGN_TIMEOUT_S = 3.0
 
 @pytest.fixture(scope="module")
 def cluster():
-    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, num_gpus=0, object_store_memory=200 << 20, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-    yield
-    ray.shutdown()
+    with local_ray(2, object_store_memory=200 << 20):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,8 @@ Ray cluster with the toy model (`server_toys.SlowEchoLM`):
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -26,13 +24,13 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 pytest.importorskip("fastapi")
 
+from ray_cluster import local_ray  # noqa: E402
 from server_toys import echo_lm, free_port  # noqa: E402
 
 from powersmc.models import ModelSpec  # noqa: E402
 from powersmc.server import ServerConfig  # noqa: E402
 from powersmc.server.replicas import replicated  # noqa: E402
 
-TESTS = Path(__file__).parent
 MAX_BATCH, CLIENTS = 4, 12
 CONFIG = dict(model_name="toy", max_particles=8, max_batch=MAX_BATCH, batch_wait_ms=0,
               max_queue=32, max_tokens_limit=200,
@@ -49,20 +47,11 @@ SCALE_S = 90  # each change of replica count happens within this
 
 @pytest.fixture(scope="module")
 def cluster():
-    saved = {k: os.environ.get(k) for k in PUSH_ENV}
-    os.environ.update({k: "0.5" for k in PUSH_ENV})  # the local cluster's processes inherit
-    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, num_gpus=0, object_store_memory=200 << 20, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-    try:
-        yield free_port()  # Ray Serve keeps its first HTTP port while the cluster lives
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k in PUSH_ENV:  # the local cluster's processes inherit them
+            mp.setenv(k, "0.5")
+        with local_ray(2, object_store_memory=200 << 20):
+            yield free_port()  # Ray Serve keeps its first HTTP port while the cluster lives
 
 
 @pytest.fixture
