@@ -18,7 +18,7 @@ import torch
 from hf_toys import as_function_lm, from_scratch, tiny_lm
 from stats import mean_z, num_cells, weighted_frequency_z, z_threshold
 
-from powersmc import smc_sample, smc_sample_many
+from powersmc import Scheduler, smc_sample, smc_sample_many
 from powersmc.backends.transformers_lm import StaticState
 from powersmc.errors import InputError
 from powersmc.exact import power_distribution
@@ -225,3 +225,51 @@ def test_admit_appends_rows_to_a_running_state(kind, longer):
     seqs = [seqs[i] + [50] for i in index]
     logp = lm.step(state, torch.full((4,), 50))
     assert torch.allclose(logp, from_scratch(lm.model, seqs), atol=TOL64, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_admit_drops_the_slots_no_running_row_uses(kind):
+    """Rows that left the batch leave slots that only padding of the running rows covers;
+    the next `admit` drops them (every row moves left, positions unchanged): the state holds
+    the longest running row's slots, and every row still equals a from-scratch evaluation."""
+    lm = tiny_lm(kind, "static")
+    state, _, seqs = _teacher_forced(lm, PROMPTS, 1, 3, [0, 1], budget=2 * 8)
+    new = [[20, 21, 22]]
+    lm.admit(state, new, 2, budget=2 * 8)
+    seqs += [list(new[0]) for _ in range(2)]
+    tok = torch.arange(4) + 30
+    seqs = [q + [t] for q, t in zip(seqs, tok.tolist(), strict=True)]
+    lm.step(state, tok)
+    lm.reorder(state, torch.tensor([1, 2, 3]))  # the 6-token prompt's row leaves
+    seqs = seqs[1:]
+    longest = max(len(q) for q in seqs)
+    assert state.length > longest
+    more = [[25, 26]]
+    logp = lm.admit(state, more, 1, budget=8)
+    assert state.length == longest
+    assert torch.allclose(logp, from_scratch(lm.model, more), atol=TOL64, rtol=0)
+    seqs += [list(more[0])]
+    tok = torch.arange(4) + 35
+    seqs = [q + [t] for q, t in zip(seqs, tok.tolist(), strict=True)]
+    logp = lm.step(state, tok)
+    assert torch.allclose(logp, from_scratch(lm.model, seqs), atol=TOL64, rtol=0)
+
+
+def test_a_batch_that_never_empties_holds_bounded_slots():
+    """A scheduler kept busy (a server under steady load: a new system joins whenever one
+    finishes) on the static cache: the state's slots stay within the longest system's prompt
+    and answer, instead of growing by one every step for as long as the batch lives."""
+    lm = tiny_lm("llama", "static", dtype=torch.float32)
+    sched = Scheduler(lm)
+    live, lengths = [], []
+    for t in range(240):
+        live = [h for h in live if not h.done]
+        while len(live) < 3:
+            prompt = list(range(1, 4 + (t + len(live)) % 4))  # 3 .. 6 tokens
+            live.append(sched.submit(prompt, particles=4, max_new_tokens=10, seed=t))
+        sched.step()
+        state = sched.engine.state
+        lengths.append(0 if state is None else state.length)
+    runs = "".join("x" if n else " " for n in lengths).split()
+    assert max(map(len, runs)) > 3 * (6 + 10)  # steps in a row the batch never emptied
+    assert max(lengths) <= 6 + 10 + 1

@@ -458,10 +458,13 @@ class TransformersLM:
         own sequence: the running rows' next-token log-probs are unchanged, and the new rows'
         equal a fresh `prefill_many` of their prompts. A prompt longer than the state's rows
         first moves every running row right (slots only: their positions, hence their RoPE
-        keys, are unchanged). `budget`: the tokens the new rows will generate together (their
-        slots); the buffers grow if a row outruns them. The state steps eagerly afterwards
-        (one new shape per admission would be a new compilation), and `fork(keep=...)` counts
-        `keep` from the first rows' prompt."""
+        keys, are unchanged). The slots before every running row's first real token (left by
+        rows that have left the batch) are dropped in the same copy, so a batch that never
+        empties (a server under steady load) holds as many slots as its oldest row needs, not
+        one more per step for as long as it lives. `budget`: the tokens the new rows will
+        generate together (their slots); the buffers grow if a row outruns them. The state
+        steps eagerly afterwards (one new shape per admission would be a new compilation),
+        and `fork(keep=...)` counts `keep` from the first rows' prompt."""
         if not isinstance(state, StaticState):
             raise InputError("state", "a static-cache state (cache='static') to admit into",
                              type(state).__name__)
@@ -470,25 +473,31 @@ class TransformersLM:
         if state.compiled:
             self._detach(state)
         old, new, c = state.rows, sub.rows, state.cache
-        shift = max(0, sub.length - state.length)
-        length = state.length + shift
-        slots = max(c.capacity[1] + shift, length + sub.cache.capacity[1] - sub.length)
+        # slots [drop, length) hold every running row's tokens; those below are padding only
+        drop = 0
+        if state.pad is not None:
+            drop = int(state.pad[:old].min()) if old else state.length
+        kept = state.length - drop
+        shift = max(0, sub.length - kept)
+        length = kept + shift
+        slots = max(c.capacity[1] - drop + shift, length + sub.cache.capacity[1] - sub.length)
         buf = SlotCache.allocate(list(zip(c.keys, c.values, strict=True)), old + new, slots)
         start = length - sub.length  # first slot of the new rows' (padded) prompts
         for dst, src, add in zip((*buf.keys, *buf.values), (*c.keys, *c.values),
                                  (*sub.cache.keys, *sub.cache.values), strict=True):
-            dst[:old, :, shift : shift + state.length] = src[:old, :, : state.length]
+            dst[:old, :, shift:length] = src[:old, :, drop : state.length]
             dst[old:, :, start:length] = add[:new, :, : sub.length]
         mask = torch.zeros((old + new, slots), dtype=torch.bool, device=self.device)
-        mask[:old, shift : shift + state.length] = state.mask[:old, : state.length]
+        mask[:old, shift:length] = state.mask[:old, drop : state.length]
         mask[old:, start:length] = sub.mask[:new, : sub.length]
         zeros = torch.zeros(old + new, dtype=torch.long, device=self.device)
         pad = zeros.clone()
-        pad[:old] = shift + (zeros[:old] if state.pad is None else state.pad[:old])
+        pad[:old] = shift + (zeros[:old] if state.pad is None else state.pad[:old] - drop)
         pad[old:] = start + (zeros[old:] if sub.pad is None else sub.pad[:new])
         buf.rows, buf.write = old + new, length
         state.cache, state.mask, state.pad, state.rows = buf, mask, pad, old + new
-        state.length, state.prompt_len = length, state.prompt_len + shift
+        state.length = length
+        state.prompt_len = max(0, state.prompt_len + shift - drop)
         return logp
 
     def extend(self, state: StaticState, prompts: Sequence[Sequence[int]], rows: int, *,
