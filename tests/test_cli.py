@@ -41,6 +41,8 @@ def _json_stdout(r):
     (["sample", "--prompt-file", "/no/such/file"], "--prompt-file"),
     (["sample", "--prompt", "hi", "--model", "./missing.gguf"], "model"),
     (["sample", "--prompt", "hi", "--particles", "many"], "--particles"),
+    (["sample", "--prompt", "hi", "--compile", "off"], "compile"),  # llama.cpp: no compile
+    (["sample", "--prompt", "hi", "--compile", "maybe"], "--compile"),
     (["eval", "--dataset", "./missing.jsonl", "--out", "x"], "dataset"),
     (["eval", "--dataset", "builtin", "--methods", "smc,nope", "--out", "x"], "method"),
     (["eval", "--dataset", "builtin", "--seeds", "a", "--out", "x"], "--seeds"),

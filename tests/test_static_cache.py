@@ -175,6 +175,22 @@ def test_cache_option_is_checked():
     assert tiny_lm("qwen2", "auto").cache == "dynamic"  # auto: static on CUDA only
 
 
+def test_load_model_passes_compile(tmp_path):
+    """`load_model(compile=...)` (`--compile`): 'on' compiles the static decode step even on
+    CPU, 'off' never does, anything else is refused by name."""
+    from hf_toys import tiny_model, word_tokenizer
+
+    from powersmc import load_model
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    word_tokenizer(64).save_pretrained(tmp_path)
+    kw = dict(backend="transformers", device="cpu", cache="static")
+    assert load_model(tmp_path, compile="on", **kw).compile_options == {"mode": "reduce-overhead"}
+    assert load_model(tmp_path, compile="off", **kw).compile_options is None
+    with pytest.raises(InputError, match="compile"):
+        load_model(tmp_path, compile="yes", **kw)
+
+
 @pytest.mark.model
 def test_default_model_static_equals_dynamic(default_lm):
     """The default model (SmolLM2-135M, float32): teacher-forced log-probs of the static path

@@ -46,6 +46,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", default="auto", choices=("auto", "static", "dynamic"),
                    help="transformers: KV cache (auto: static and compiled for Llama/Qwen2 "
                    "on CUDA, dynamic elsewhere)")
+    g.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="transformers: torch.compile the static cache's decode step (auto: on "
+                   "CUDA; off: always eager, no compilation time)")
     g.add_argument("--raw", action="store_true", help="raw text prompts, no chat template")
 
 
@@ -188,7 +191,8 @@ def _load_kwargs(args: argparse.Namespace) -> dict:
     engine = {"kv_cache_gib": args.kv_cache_gib} if args.kv_cache_gib is not None else None
     return dict(name_or_path=model, backend=args.backend, gguf_file=args.gguf_file,
                 device=args.device, dtype=args.dtype, chat=False if args.raw else None,
-                threads=args.threads, weights=args.weights, engine=engine, cache=args.cache)
+                threads=args.threads, weights=args.weights, engine=engine, cache=args.cache,
+                compile=args.compile)
 
 
 def _load(args: argparse.Namespace):

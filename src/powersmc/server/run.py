@@ -90,7 +90,8 @@ def model_kwargs(args: argparse.Namespace) -> dict:
         model = os.path.abspath(os.path.expanduser(model))
     return dict(name_or_path=model, backend=args.backend, gguf_file=args.gguf_file,
                 device=args.device, dtype=args.dtype, chat=False, threads=args.threads,
-                weights=args.weights, cache=getattr(args, "cache", "auto"))
+                weights=args.weights, cache=getattr(args, "cache", "auto"),
+                compile=getattr(args, "compile", "auto"))
 
 
 def load(args: argparse.Namespace):
