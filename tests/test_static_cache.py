@@ -172,7 +172,22 @@ def test_cache_option_is_checked():
         tiny_lm("llama", "paged")
     with pytest.raises(InputError, match="compile"):
         tiny_lm("llama", "dynamic", compile=True)
-    assert tiny_lm("qwen2", "auto").cache == "dynamic"  # auto: static on CUDA only
+    assert tiny_lm("qwen2", "auto").cache == "dynamic"  # auto: static on CUDA only,
+    assert tiny_lm("qwen2", "auto", continuous=True).cache == "static"  # or for a scheduler
+
+
+def test_serve_asks_for_the_cache_systems_join():
+    """`powersmc serve` loads its model for continuous batching (`continuous=True`: on CPU,
+    Transformers' auto cache is then the static one, the only one systems join mid-batch);
+    the windowed batcher keeps the per-device choice."""
+    from powersmc.cli import build_parser
+    from powersmc.server.run import model_kwargs
+
+    def kwargs(*flags):
+        return model_kwargs(build_parser().parse_args(["serve", *flags]))
+
+    assert kwargs()["continuous"] is True
+    assert kwargs("--batching", "windowed")["continuous"] is False
 
 
 def test_load_model_passes_compile(tmp_path):
@@ -244,28 +259,34 @@ def test_admit_appends_rows_to_a_running_state(kind, longer):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_admit_drops_the_slots_no_running_row_uses(kind):
-    """Rows that left the batch leave slots that only padding of the running rows covers;
-    the next `admit` drops them (every row moves left, positions unchanged): the state holds
-    the longest running row's slots, and every row still equals a from-scratch evaluation."""
+@pytest.mark.parametrize("gone", [6, 12], ids=["in-place", "repacked"])
+def test_admit_in_place_or_dropping_the_slots_no_running_row_uses(kind, gone):
+    """A row with a `gone`-token prompt leaves the batch; its slots are then padding of
+    every running row. The next `admit` writes the new row into the buffers in place while
+    those slots are fewer than the slots in use (6), and otherwise first repacks the state
+    without them (every row moves left, positions unchanged), so the state holds the longest
+    running row's slots. Either way every row equals a from-scratch evaluation."""
     lm = tiny_lm(kind, "static")
-    state, _, seqs = _teacher_forced(lm, PROMPTS, 1, 3, [0, 1], budget=2 * 8)
+    prompts = [list(range(5, 5 + gone)), [31, 32]]
+    state, _, seqs = _teacher_forced(lm, prompts, 1, 3, [0, 1], budget=2 * 8)
     new = [[20, 21, 22]]
     lm.admit(state, new, 2, budget=2 * 8)
     seqs += [list(new[0]) for _ in range(2)]
-    tok = torch.arange(4) + 30
+    tok = torch.arange(4) + 40
     seqs = [q + [t] for q, t in zip(seqs, tok.tolist(), strict=True)]
     lm.step(state, tok)
-    lm.reorder(state, torch.tensor([1, 2, 3]))  # the 6-token prompt's row leaves
+    lm.reorder(state, torch.tensor([1, 2, 3]))  # the `gone`-token prompt's row leaves
     seqs = seqs[1:]
-    longest = max(len(q) for q in seqs)
-    assert state.length > longest
+    length, buffers, longest = state.length, state.cache, max(len(q) for q in seqs)
     more = [[25, 26]]
     logp = lm.admit(state, more, 1, budget=8)
-    assert state.length == longest
+    if gone == 6:
+        assert state.cache is buffers and state.length == length > longest
+    else:
+        assert state.cache is not buffers and state.length == longest
     assert torch.allclose(logp, from_scratch(lm.model, more), atol=TOL64, rtol=0)
     seqs += [list(more[0])]
-    tok = torch.arange(4) + 35
+    tok = torch.arange(4) + 45
     seqs = [q + [t] for q, t in zip(seqs, tok.tolist(), strict=True)]
     logp = lm.step(state, tok)
     assert torch.allclose(logp, from_scratch(lm.model, seqs), atol=TOL64, rtol=0)
@@ -273,8 +294,8 @@ def test_admit_drops_the_slots_no_running_row_uses(kind):
 
 def test_a_batch_that_never_empties_holds_bounded_slots():
     """A scheduler kept busy (a server under steady load: a new system joins whenever one
-    finishes) on the static cache: the state's slots stay within the longest system's prompt
-    and answer, instead of growing by one every step for as long as the batch lives."""
+    finishes) on the static cache: the state's slots stay within twice the longest system's
+    prompt and answer, instead of growing by one every step for as long as the batch lives."""
     lm = tiny_lm("llama", "static", dtype=torch.float32)
     sched = Scheduler(lm)
     live, lengths = [], []
@@ -288,4 +309,4 @@ def test_a_batch_that_never_empties_holds_bounded_slots():
         lengths.append(0 if state is None else state.length)
     runs = "".join("x" if n else " " for n in lengths).split()
     assert max(map(len, runs)) > 3 * (6 + 10)  # steps in a row the batch never emptied
-    assert max(lengths) <= 6 + 10 + 1
+    assert max(lengths) <= 2 * (6 + 10 + 1)

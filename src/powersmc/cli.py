@@ -45,7 +45,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (transformers)")
     g.add_argument("--cache", default="auto", choices=("auto", "static", "dynamic"),
                    help="transformers: KV cache (auto: static and compiled for Llama/Qwen2 "
-                   "on CUDA, dynamic elsewhere)")
+                   "on CUDA, static for serve's continuous batching, dynamic elsewhere)")
     g.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help="transformers: torch.compile the static cache's decode step (auto: on "
                    "CUDA; off: always eager, no compilation time)")

@@ -123,6 +123,7 @@ def load_model(
     engine: dict[str, Any] | None = None,
     cache: str = "auto",
     compile: str = "auto",
+    continuous: bool = False,
 ) -> Any:
     """Load a causal LM as a backend: `LlamaCppLM` (llama.cpp), `TransformersLM` or `VllmLM`.
 
@@ -144,6 +145,9 @@ def load_model(
         (`TransformersLM`, docs/backends.md).
     compile: Transformers only: 'auto' (the static cache's decode step compiled on CUDA),
         'on' or 'off' (always eager: no compilation time, as vLLM's `enforce_eager`).
+    continuous: the model will serve a continuous-batching `Scheduler` (`powersmc serve`):
+        Transformers' `cache='auto'` then takes the static cache on CPU too, the cache on
+        which systems join a running batch. Ignored by the other backends (they always can).
     """
     dev = resolve_device(device)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
@@ -167,7 +171,7 @@ def load_model(
     if threads is not None:
         torch.set_num_threads(threads)
     return _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt, cache,
-                              COMPILE[compile])
+                              COMPILE[compile], continuous)
 
 
 def _load_llamacpp(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads, weights):
@@ -221,7 +225,7 @@ def _load_vllm(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads
 
 
 def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt,
-                       cache="auto", compile=None) -> TransformersLM:
+                       cache="auto", compile=None, continuous=False) -> TransformersLM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype is None:
@@ -241,7 +245,7 @@ def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt,
         raise InputError("model", f"could not load {name_or_path!r}: {first}") from exc
     model.to(dev)
     return TransformersLM(model, tokenizer, chat=chat, system_prompt=system_prompt, cache=cache,
-                          compile=compile)
+                          compile=compile, continuous=continuous)
 
 
 @dataclass(frozen=True)

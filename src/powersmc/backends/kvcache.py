@@ -116,13 +116,15 @@ class SlotCache:
 
     @classmethod
     def allocate(cls, like: list[tuple[torch.Tensor, torch.Tensor]], rows: int,
-                 slots: int) -> SlotCache:
-        """Zeroed buffers for `rows` rows and `slots` slots, heads / head sizes / dtype / device
-        taken from `like` (per layer (keys, values) [*, H, *, D]). Zeroed, not empty: a masked
-        slot gets weight exactly 0 in attention, and 0 * NaN would still be NaN."""
+                 slots: int, zeroed: bool = True) -> SlotCache:
+        """Buffers for `rows` rows and `slots` slots, heads / head sizes / dtype / device
+        taken from `like` (per layer (keys, values) [*, H, *, D]). Zeroed, unless the caller
+        writes every slot a row will read before it reads it (`zeroed=False`): a masked slot
+        gets weight exactly 0 in attention, but 0 * NaN would still be NaN."""
+        make = torch.zeros if zeroed else torch.empty
+
         def buf(t: torch.Tensor) -> torch.Tensor:
-            return torch.zeros((rows, t.shape[1], slots, t.shape[3]), dtype=t.dtype,
-                               device=t.device)
+            return make((rows, t.shape[1], slots, t.shape[3]), dtype=t.dtype, device=t.device)
         return cls([buf(k) for k, _ in like], [buf(v) for _, v in like])
 
     @property
@@ -159,17 +161,19 @@ class SlotCache:
         for t in (*self.keys, *self.values, self.pos):
             torch._dynamo.mark_static_address(t)
 
-    def gather_(self, index: torch.Tensor) -> None:
-        """Rows 0 .. len(index) - 1 := old rows index[k], in place (len(index) <= R). Only
-        the rows that change are written; the source rows are read into a temporary first,
-        so chains and swaps are safe. Rows beyond len(index) keep their contents."""
+    def gather_(self, index: torch.Tensor, used: int | None = None) -> None:
+        """Rows 0 .. len(index) - 1 := old rows index[k], in place (len(index) <= R), in the
+        first `used` slots (None: all; the slots past those written hold nothing a row reads).
+        Only the rows that change are written; the source rows are read into a temporary
+        first, so chains and swaps are safe. Rows beyond len(index) keep their contents."""
         rows = torch.arange(index.numel(), device=index.device)
         changed = (index != rows).nonzero().squeeze(1)
         if changed.numel() == 0:
             return
         src = index[changed]
+        n = self.capacity[1] if used is None else min(used, self.capacity[1])
         for t in (*self.keys, *self.values):
-            t[changed] = t[src]
+            t[changed, :, :n] = t[src, :, :n]
 
     def resized(self, index: torch.Tensor, slots: int, used: int | None = None) -> SlotCache:
         """A new cache whose row k is this cache's row index[k], with `slots` slots (the
@@ -180,16 +184,20 @@ class SlotCache:
         def grow(t: torch.Tensor) -> torch.Tensor:
             out = torch.zeros((index.numel(), t.shape[1], slots, t.shape[3]), dtype=t.dtype,
                               device=t.device)
-            out[:, :, :n] = t.index_select(0, index)[:, :, :n]
+            out[:, :, :n] = t[:, :, :n].index_select(0, index)
             return out
         out = SlotCache([grow(t) for t in self.keys], [grow(t) for t in self.values])
         out.write = min(self.write, slots)
         return out
 
-    def load_(self, layers: list[tuple[torch.Tensor, torch.Tensor]], repeat: int) -> None:
-        """Copy a prefill's per-layer (keys, values) [P, H, S, D] into slots 0 .. S - 1, each
-        prompt repeated for `repeat` consecutive rows (prompt-major, as `prefill_many`)."""
+    def load_(self, layers: list[tuple[torch.Tensor, torch.Tensor]], repeat: int,
+              row: int = 0, slot: int = 0) -> None:
+        """Copy a prefill's per-layer (keys, values) [P, H, S, D] into rows row .. row +
+        P * repeat - 1 and slots slot .. slot + S - 1, each prompt repeated for `repeat`
+        consecutive rows (prompt-major, as `prefill_many`); those rows' slots before `slot`
+        (padding their attention reads, masked) are zeroed."""
         for (k, v), kb, vb in zip(layers, self.keys, self.values, strict=True):
             s, n = k.shape[2], k.shape[0] * repeat
-            kb[:n, :, :s] = k.repeat_interleave(repeat, 0)
-            vb[:n, :, :s] = v.repeat_interleave(repeat, 0)
+            for src, dst in ((k, kb), (v, vb)):
+                dst[row : row + n, :, :slot] = 0
+                dst[row : row + n, :, slot : slot + s] = src.repeat_interleave(repeat, 0)

@@ -59,6 +59,12 @@ POOL_SHAPES = 8
 FORK_SLOTS = 64  # free slots a fork gets at least
 
 
+def _row_slots(budget: int | None, rows: int, cap: int) -> int:
+    """Generated slots per row for `budget` tokens over `rows` rows (1 .. cap)."""
+    per_row = DEFAULT_SLOTS if budget is None else -(-budget // rows)
+    return min(max(per_row, 1), cap)
+
+
 @dataclass
 class HFState:
     """A KV cache for `rows` rows that each hold `length` slots (padding and prompt included).
@@ -144,8 +150,11 @@ def static_applies(model: Any) -> str | None:
 class TransformersLM:
     """`LanguageModel` over a `transformers` causal LM and its tokenizer.
 
-    cache: 'auto' (static for the Llama and Qwen2 families with SDPA attention, else dynamic),
-        'static' or 'dynamic' (see the module docstring).
+    cache: 'auto' (static for the Llama and Qwen2 families with SDPA attention on CUDA, else
+        dynamic), 'static' or 'dynamic' (see the module docstring).
+    continuous: the model serves a continuous-batching scheduler (`powersmc serve`): 'auto'
+        then takes the static cache for those families on CPU too, since systems join a
+        running batch only on it (on the dynamic cache they wait for the batch to empty).
     compile: compile the static decode step (None: on CUDA only; True: mode
         'reduce-overhead', i.e. CUDA graphs on a GPU; a dict: `torch.compile`'s keywords).
         On CPU the step's time is in matrix products that are already library calls, and a
@@ -162,6 +171,7 @@ class TransformersLM:
         eos_token_ids: Sequence[int] | None = None,
         cache: str = "auto",
         compile: bool | dict | None = None,
+        continuous: bool = False,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -176,7 +186,7 @@ class TransformersLM:
         )
         ctx = getattr(model.config, "max_position_embeddings", None)
         self.max_context = int(ctx) if ctx else None
-        self.cache = self._choose_cache(cache)
+        self.cache = self._choose_cache(cache, continuous)
         if compile is None:
             compile = self.device.type == "cuda"
         if compile is True:
@@ -189,16 +199,17 @@ class TransformersLM:
         self._compiled: Any = None
         self.compile_error: str | None = None  # why compilation was given up, if it was
 
-    def _choose_cache(self, cache: str) -> str:
+    def _choose_cache(self, cache: str, continuous: bool) -> str:
         if cache not in CACHES:
             raise InputError("cache", f"one of {', '.join(CACHES)}", cache)
         if cache == "dynamic":
             return cache
         why = static_applies(self.model)
-        # auto: static on CUDA only. On the 2-core CPU the static path measured slower per SMC
-        # step (126 ms against 105 ms, default model, N = 16, T = 128: docs/benchmarks.md)
+        # auto: static on CUDA, or for a continuous scheduler. On the 2-core CPU the static
+        # path measured slower per SMC step of one system (126 ms against 105 ms, default
+        # model, N = 16, T = 128: docs/benchmarks.md), but only it lets systems join
         if cache == "auto" and (why or self.model.config.model_type not in STATIC_MODEL_TYPES
-                                or self.device.type != "cuda"):
+                                or not (self.device.type == "cuda" or continuous)):
             return "dynamic"
         if why:
             raise InputError("cache", f"'dynamic' or 'auto' for {why}", cache)
@@ -245,6 +256,26 @@ class TransformersLM:
         """One forward pass over the P left-padded prompts, shared by their `rows` rows each.
         On the static path its keys and values are then copied into the preallocated slots
         (prompt + budget / (P * rows) generated slots per row)."""
+        cache, logp, width, attn, pad = self._prefill_cache(prompts)
+        total = len(prompts) * rows
+        if pad is not None:
+            pad = pad.repeat_interleave(rows, 0)
+        if self.cache == "static":
+            cap = EAGER_SLOTS if self.compile_options is None else COMPILED_SLOTS
+            state = self._static_state(cache, width, total, rows,
+                                       width + _row_slots(budget, total, cap), attn, pad)
+            return state, logp.repeat_interleave(rows, 0)
+        if rows != 1:
+            cache.batch_repeat_interleave(rows)
+        if attn is not None:
+            attn = attn.repeat_interleave(rows, 0)
+        return HFState(cache, width, width, total, attn, pad), logp.repeat_interleave(rows, 0)
+
+    def _prefill_cache(self, prompts: Sequence[Sequence[int]]) -> tuple[
+            Any, torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
+        """One forward pass over the P prompts, left-padded to the longest (`width`): its
+        `DynamicCache`, the next-token log-probs [P, V], `width`, and the [P, width] mask and
+        per-prompt padding (both None when no prompt is padded)."""
         from transformers import DynamicCache
 
         width = max(len(p) for p in prompts)
@@ -263,20 +294,7 @@ class TransformersLM:
             pad = width - attn.sum(1)
         cache = DynamicCache(config=self.model.config)
         logp = self._forward(ids, cache, 0, attn, pad)
-        total = len(prompts) * rows
-        if pad is not None:
-            pad = pad.repeat_interleave(rows, 0)
-        if self.cache == "static":
-            per_row = DEFAULT_SLOTS if budget is None else -(-budget // total)
-            cap = EAGER_SLOTS if self.compile_options is None else COMPILED_SLOTS
-            state = self._static_state(cache, width, total, rows,
-                                       width + min(max(per_row, 1), cap), attn, pad)
-            return state, logp.repeat_interleave(rows, 0)
-        if rows != 1:
-            cache.batch_repeat_interleave(rows)
-        if attn is not None:
-            attn = attn.repeat_interleave(rows, 0)
-        return HFState(cache, width, width, total, attn, pad), logp.repeat_interleave(rows, 0)
+        return cache, logp, width, attn, pad
 
     def _static_state(self, dyn: Any, width: int, total: int, rows: int, slots: int,
                       mask: torch.Tensor | None, pad: torch.Tensor | None) -> StaticState:
@@ -325,7 +343,7 @@ class TransformersLM:
         """Give a pooled state buffers of its own (same contents), stepping eagerly."""
         n = state.rows
         index = torch.arange(n, device=self.device)
-        cache = state.cache.resized(index, state.cache.capacity[1])
+        cache = state.cache.resized(index, state.cache.capacity[1], state.length)
         cache.rows, cache.write = n, state.length
         state.cache, state.compiled = cache, False
         state.mask = state.mask[:n].clone()
@@ -413,7 +431,7 @@ class TransformersLM:
         c = state.cache
         if index is None:
             index = torch.arange(rows, device=self.device)
-        state.cache = c.resized(index, slots)
+        state.cache = c.resized(index, slots, state.length)
         state.cache.rows, state.cache.write = rows, state.length
         mask = torch.zeros((rows, slots), dtype=torch.bool, device=self.device)
         k = min(slots, state.mask.shape[1])
@@ -433,7 +451,7 @@ class TransformersLM:
                     self._detach(state)
                 self._grow(state, n, state.cache.capacity[1], index)
                 return
-            state.cache.gather_(index)
+            state.cache.gather_(index, state.length)
             for name in ("mask", "pad"):
                 t = getattr(state, name)
                 if t is not None:
@@ -456,49 +474,74 @@ class TransformersLM:
         last written slot, with left padding before it. Positions count from each row's first
         real token and the mask hides the padding, so every row still attends exactly to its
         own sequence: the running rows' next-token log-probs are unchanged, and the new rows'
-        equal a fresh `prefill_many` of their prompts. A prompt longer than the state's rows
-        first moves every running row right (slots only: their positions, hence their RoPE
-        keys, are unchanged). The slots before every running row's first real token (left by
-        rows that have left the batch) are dropped in the same copy, so a batch that never
-        empties (a server under steady load) holds as many slots as its oldest row needs, not
-        one more per step for as long as it lives. `budget`: the tokens the new rows will
-        generate together (their slots); the buffers grow if a row outruns them. The state
-        steps eagerly afterwards (one new shape per admission would be a new compilation),
-        and `fork(keep=...)` counts `keep` from the first rows' prompt."""
+        equal a fresh `prefill_many` of their prompts. `budget`: the tokens the new rows will
+        generate together (their slots); the buffers grow if a row outruns them.
+
+        The new rows are written in place when the buffers have the rows and slots for them
+        (they are allocated with room to spare), so an admission costs about its own rows,
+        not a copy of the whole batch. Otherwise, and when a prompt is longer than the running rows
+        or when the slots before every running row's first token (left by rows that have
+        finished) are at least as many as the slots in use, the state is first repacked
+        (`_repack`). So a batch that never empties (a server under steady load) holds at most
+        about twice its longest running row's slots, not one more per step for as long as it
+        lives. The state steps eagerly afterwards (one new shape per admission would be a new
+        compilation), and `fork(keep=...)` counts `keep` from the first rows' prompt."""
         if not isinstance(state, StaticState):
             raise InputError("state", "a static-cache state (cache='static') to admit into",
                              type(state).__name__)
-        sub, logp = self.prefill_many(prompts, rows, budget=budget)
-        assert isinstance(sub, StaticState)  # this model is on the static path
+        cache, logp, width, attn, pad = self._prefill_cache(prompts)
         if state.compiled:
             self._detach(state)
-        old, new, c = state.rows, sub.rows, state.cache
-        # slots [drop, length) hold every running row's tokens; those below are padding only
-        drop = 0
+        old, new = state.rows, len(prompts) * rows
+        gen = _row_slots(budget, new, EAGER_SLOTS)
+        drop = 0  # slots before every running row's first token
         if state.pad is not None:
             drop = int(state.pad[:old].min()) if old else state.length
-        kept = state.length - drop
-        shift = max(0, sub.length - kept)
+        rows_cap, slots_cap = state.cache.capacity
+        if (width > state.length - drop or drop >= max(state.length - drop, 1)
+                or old + new > rows_cap or state.length + gen > slots_cap):
+            self._repack(state, drop, width, old + new, gen)
+        c, t = state.cache, state.length
+        if state.pad is None:  # every running row starts at slot 0
+            state.pad = torch.zeros(c.capacity[0], dtype=torch.long, device=self.device)
+        start = t - width  # first slot of the new rows' (padded) prompts
+        c.load_([(la.keys, la.values) for la in cache.layers], rows, row=old, slot=start)
+        rows_new = slice(old, old + new)
+        state.mask[rows_new] = False
+        state.mask[rows_new, start:t] = True if attn is None else \
+            attn.bool().repeat_interleave(rows, 0)
+        state.pad[rows_new] = start + (0 if pad is None else pad.repeat_interleave(rows, 0))
+        state.rows = c.rows = old + new
+        return logp.repeat_interleave(rows, 0)
+
+    def _repack(self, state: StaticState, drop: int, width: int, rows: int, gen: int) -> None:
+        """New eager buffers for a state that will hold `rows` rows: the running rows' slots
+        from `drop` on move left by `drop` (their positions, hence their RoPE keys, are
+        unchanged: only the padding counts change), then right as far as a `width`-slot
+        prompt needs; half as many rows again as needed and room for twice `gen` generated
+        slots, so that the next admissions write in place. Only the slots in use are written
+        (the others are written before any row reads them: a step's token, an admission)."""
+        c, old, t = state.cache, state.rows, state.length
+        kept = t - drop
+        shift = max(0, width - kept)
         length = kept + shift
-        slots = max(c.capacity[1] - drop + shift, length + sub.cache.capacity[1] - sub.length)
-        buf = SlotCache.allocate(list(zip(c.keys, c.values, strict=True)), old + new, slots)
-        start = length - sub.length  # first slot of the new rows' (padded) prompts
-        for dst, src, add in zip((*buf.keys, *buf.values), (*c.keys, *c.values),
-                                 (*sub.cache.keys, *sub.cache.values), strict=True):
-            dst[:old, :, shift:length] = src[:old, :, drop : state.length]
-            dst[old:, :, start:length] = add[:new, :, : sub.length]
-        mask = torch.zeros((old + new, slots), dtype=torch.bool, device=self.device)
-        mask[:old, shift:length] = state.mask[:old, drop : state.length]
-        mask[old:, start:length] = sub.mask[:new, : sub.length]
-        zeros = torch.zeros(old + new, dtype=torch.long, device=self.device)
-        pad = zeros.clone()
-        pad[:old] = shift + (zeros[:old] if state.pad is None else state.pad[:old] - drop)
-        pad[old:] = start + (zeros[old:] if sub.pad is None else sub.pad[:new])
-        buf.rows, buf.write = old + new, length
-        state.cache, state.mask, state.pad, state.rows = buf, mask, pad, old + new
+        cap = rows + rows // 2
+        slots = max(c.capacity[1] - drop + shift, length + 2 * gen)
+        buf = SlotCache.allocate(list(zip(c.keys, c.values, strict=True)), cap, slots,
+                                 zeroed=False)
+        for dst, src in zip((*buf.keys, *buf.values), (*c.keys, *c.values), strict=True):
+            dst[:old, :, :shift] = 0
+            dst[:old, :, shift:length] = src[:old, :, drop:t]
+        mask = torch.zeros((cap, slots), dtype=torch.bool, device=self.device)
+        mask[:old, shift:length] = state.mask[:old, drop:t]
+        pad = torch.zeros(cap, dtype=torch.long, device=self.device)
+        if state.pad is not None:
+            pad[:old] = state.pad[:old] - drop
+        pad[:old] += shift
+        buf.rows, buf.write = old, length
+        state.cache, state.mask, state.pad = buf, mask, pad
         state.length = length
         state.prompt_len = max(0, state.prompt_len + shift - drop)
-        return logp
 
     def extend(self, state: StaticState, prompts: Sequence[Sequence[int]], rows: int, *,
                budget: int | None = None) -> torch.Tensor:

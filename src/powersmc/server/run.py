@@ -91,7 +91,8 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     return dict(name_or_path=model, backend=args.backend, gguf_file=args.gguf_file,
                 device=args.device, dtype=args.dtype, chat=False, threads=args.threads,
                 weights=args.weights, cache=getattr(args, "cache", "auto"),
-                compile=getattr(args, "compile", "auto"))
+                compile=getattr(args, "compile", "auto"),
+                continuous=getattr(args, "batching", "continuous") == "continuous")
 
 
 def load(args: argparse.Namespace):
