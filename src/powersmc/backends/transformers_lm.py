@@ -479,13 +479,14 @@ class TransformersLM:
 
         The new rows are written in place when the buffers have the rows and slots for them
         (they are allocated with room to spare), so an admission costs about its own rows,
-        not a copy of the whole batch. Otherwise, and when a prompt is longer than the running rows
-        or when the slots before every running row's first token (left by rows that have
-        finished) are at least as many as the slots in use, the state is first repacked
-        (`_repack`). So a batch that never empties (a server under steady load) holds at most
-        about twice its longest running row's slots, not one more per step for as long as it
-        lives. The state steps eagerly afterwards (one new shape per admission would be a new
-        compilation), and `fork(keep=...)` counts `keep` from the first rows' prompt."""
+        not a copy of the whole batch. The state is first repacked (`_repack`) otherwise,
+        when a prompt is longer than the slots written so far, and when the slots before
+        every running row's first token (left by rows that have finished) are at least as
+        many as the slots in use. So a batch that never empties (a server under steady load)
+        holds at most about twice its longest running row's slots, not one more per step for
+        as long as it lives. The state steps eagerly afterwards (one new shape per admission
+        would be a new compilation), and `fork(keep=...)` counts `keep` from the first rows'
+        prompt."""
         if not isinstance(state, StaticState):
             raise InputError("state", "a static-cache state (cache='static') to admit into",
                              type(state).__name__)
@@ -498,7 +499,7 @@ class TransformersLM:
         if state.pad is not None:
             drop = int(state.pad[:old].min()) if old else state.length
         rows_cap, slots_cap = state.cache.capacity
-        if (width > state.length - drop or drop >= max(state.length - drop, 1)
+        if (width > state.length or drop >= max(state.length - drop, 1)
                 or old + new > rows_cap or state.length + gen > slots_cap):
             self._repack(state, drop, width, old + new, gen)
         c, t = state.cache, state.length
