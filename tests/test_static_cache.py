@@ -263,7 +263,8 @@ def test_admit_appends_rows_to_a_running_state(kind, longer):
 def test_admit_in_place_or_dropping_the_slots_no_running_row_uses(kind, gone):
     """A row with a `gone`-token prompt leaves the batch; its slots are then padding of
     every running row. The next `admit` writes the new row into the buffers in place while
-    those slots are fewer than the slots in use (6), and otherwise first repacks the state
+    those slots are fewer than the slots in use (`gone` 6: 4 against 7), and otherwise (12:
+    10 against 7) first repacks the state
     without them (every row moves left, positions unchanged), so the state holds the longest
     running row's slots. Either way every row equals a from-scratch evaluation."""
     lm = tiny_lm(kind, "static")

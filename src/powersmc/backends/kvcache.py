@@ -161,9 +161,9 @@ class SlotCache:
         for t in (*self.keys, *self.values, self.pos):
             torch._dynamo.mark_static_address(t)
 
-    def gather_(self, index: torch.Tensor, used: int | None = None) -> None:
+    def gather_(self, index: torch.Tensor, used: int) -> None:
         """Rows 0 .. len(index) - 1 := old rows index[k], in place (len(index) <= R), in the
-        first `used` slots (None: all; the slots past those written hold nothing a row reads).
+        first `used` slots (the slots past those written hold nothing a row reads).
         Only the rows that change are written; the source rows are read into a temporary
         first, so chains and swaps are safe. Rows beyond len(index) keep their contents."""
         rows = torch.arange(index.numel(), device=index.device)
@@ -171,15 +171,15 @@ class SlotCache:
         if changed.numel() == 0:
             return
         src = index[changed]
-        n = self.capacity[1] if used is None else min(used, self.capacity[1])
+        n = min(used, self.capacity[1])
         for t in (*self.keys, *self.values):
             t[changed, :, :n] = t[src, :, :n]
 
-    def resized(self, index: torch.Tensor, slots: int, used: int | None = None) -> SlotCache:
+    def resized(self, index: torch.Tensor, slots: int, used: int) -> SlotCache:
         """A new cache whose row k is this cache's row index[k], with `slots` slots (the
-        first min(slots, L, used) copied): for growing past the buffers' rows or slots, and
-        for forks."""
-        n = min(slots, self.capacity[1], self.capacity[1] if used is None else used)
+        first min(slots, L, used) copied, the others zero): for growing past the buffers'
+        rows or slots, and for forks."""
+        n = min(slots, self.capacity[1], used)
 
         def grow(t: torch.Tensor) -> torch.Tensor:
             out = torch.zeros((index.numel(), t.shape[1], slots, t.shape[3]), dtype=t.dtype,
