@@ -10,8 +10,11 @@ from toy_models import HORIZON, PROMPT, random_lm, trap_lm
 
 from powersmc import InputError, bon_sample, mh_sample, sample, scalable_power_sample, smc_sample
 from powersmc.exact import power_distribution, tempered_distribution, total_variation
-from powersmc.methods.spower import power_next_token
-from powersmc.results import Cost
+from powersmc.methods.mh import mh_program
+from powersmc.methods.program import Continue
+from powersmc.methods.scheduler import run_program, run_programs
+from powersmc.methods.spower import power_conditional
+from powersmc.results import SampleResult
 
 ALPHA = 4.0
 
@@ -41,10 +44,10 @@ def test_greedy_is_the_argmax_path():
 
 
 def _mh_tv(lm, moves, mode, runs, T=HORIZON, blocks=2, seed0=0):
-    draws = [tuple(mh_sample(lm, PROMPT, alpha=ALPHA, max_new_tokens=T, num_blocks=blocks,
-                             mh_moves=moves, mode=mode, seed=seed0 + s).token_ids)
-             for s in range(runs)]
-    return draws
+    """`runs` independent MH chains, all in flight in one scheduler."""
+    chains = [mh_program(lm, PROMPT, alpha=ALPHA, max_new_tokens=T, num_blocks=blocks,
+                         mh_moves=moves, mode=mode, seed=seed0 + s) for s in range(runs)]
+    return [tuple(r.token_ids) for r in run_programs(lm, chains)]
 
 
 def test_exact_mh_converges_to_pi():
@@ -77,12 +80,18 @@ def _spower_bias(lm, m, jackknife, reps=1000):
     exact = torch.tensor([sum(v for k, v in pi.items() if k[0] == t) for t in range(4)],
                          dtype=torch.float64)
     gen, acc = torch.Generator().manual_seed(m), torch.zeros(4, dtype=torch.float64)
+    eos = torch.tensor(lm.eos_token_ids)
+
+    def first_token():  # a program: the estimated conditional of the first token
+        (r,) = yield [Continue(PROMPT, 1, 1, gen, keep_logp=True)]
+        cand, p, _ = yield from power_conditional(
+            list(PROMPT), r.first_logp, eos, alpha=ALPHA, candidates=4, rollouts=m,
+            horizon=HORIZON - 1, jackknife=jackknife, generator=gen)
+        return SampleResult("conditional", "", [], 0, stats={"cand": cand, "p": p})
+
     for _ in range(reps):
-        state, logp = lm.prefill(PROMPT, 1)
-        cand, p = power_next_token(lm, state, logp, alpha=ALPHA, candidates=4, rollouts=m,
-                                   horizon=HORIZON - 1, jackknife=jackknife, generator=gen,
-                                   cost=Cost())
-        acc[cand] += p
+        stats = run_program(lm, first_token()).stats
+        acc[stats["cand"]] += stats["p"]
     return float((acc / reps - exact).abs().sum())
 
 
@@ -174,7 +183,7 @@ def test_shared_options_never_truncate_smc():
 def test_shared_options_reach_each_method():
     """The options a method declares do reach it, also through forwarding entry points."""
     from powersmc import Scheduler
-    from powersmc.methods.registry import run_method, smc_options
+    from powersmc.methods.registry import method_program, run_method
 
     opts = {"particles": 3, "num_blocks": 2, "candidates": 2, "rollouts": 2, "horizon": 2}
     r = run_method("smc", random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0, **opts)
@@ -184,9 +193,10 @@ def test_shared_options_reach_each_method():
     bon = run_method("bon", random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0,
                      bon_samples=5, **opts)
     assert bon.num_particles == 5 and len(bon.samples) == 5
-    sched = Scheduler(random_lm())
-    many = [sched.submit(p, alpha=ALPHA, max_new_tokens=3, seed=0, **smc_options(opts))
-            for p in (PROMPT, [2])]
+    lm = random_lm()
+    sched = Scheduler(lm)
+    many = [sched.start(method_program("smc", lm, p, alpha=ALPHA, max_new_tokens=3, seed=0,
+                                       **opts)) for p in (PROMPT, [2])]
     sched.run()
     assert [len(h.result().particles) for h in many] == [3, 3]
     # 'smc-adapted' is Power-SMC with order='adapted', whatever order the options name

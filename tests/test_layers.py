@@ -99,7 +99,7 @@ def test_layers_import_only_downward():
     assert upward_imports(graph) == []
     # the graph sees what it must: a lazy import, an import through a package, the facade
     assert "powersmc.backends.vllm_particles" in graph["powersmc.backends.vllm_lm"]
-    assert "powersmc.backends.vllm_processor" in graph["powersmc.backends.vllm_decoder"]
+    assert "powersmc.backends.vllm_processor" in graph["powersmc.backends.vllm_particles"]
     assert "powersmc.methods.smc" in graph["powersmc"]
 
 

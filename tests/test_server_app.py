@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -23,8 +24,8 @@ import powersmc  # noqa: E402
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CONFIG = dict(model_name="toy", api_key=KEY, max_particles=32, max_batch=8,
-              batch_wait_ms=50, max_queue=8, max_body_bytes=16_384,
+CONFIG = dict(model_name="toy", api_key=KEY, max_particles=32, max_batch=8, max_queue=8,
+              max_body_bytes=16_384,
               defaults={"method": "smc", "alpha": 4.0, "particles": 4, "ess_threshold": 0.5,
                         "resampler": "systematic", "ramp_tokens": 0, "order": "standard",
                         "max_tokens": 32,
@@ -260,7 +261,7 @@ def test_a_failing_batch_gets_500_and_the_server_goes_on(toy):
 @pytest.fixture
 def gated():
     lm = EchoLM()
-    with live_server(lm, **(CONFIG | {"max_queue": 4, "batch_wait_ms": 0})) as url:
+    with live_server(lm, **(CONFIG | {"max_queue": 4})) as url:
         yield url, lm
         lm.gate.set()
 
@@ -310,6 +311,35 @@ def test_concurrent_requests_with_different_settings_share_the_running_batch(gat
     assert max(shared) >= 4  # every method, both alphas and the seeded blocker in one batch
 
 
+def test_an_mh_request_does_not_stall_the_batch(gated):
+    """An MH request (T = 64, 4 blocks x 5 moves: 20 proposals in turn) and Power-SMC requests
+    sent together: the MH proposals are rows of the same batch, so the SMC requests finish
+    first instead of waiting for the whole chain."""
+    url, lm = gated
+    blocker, _ = _block_worker(url, lm)
+    done: list[tuple[str, float]] = []
+
+    def send(name: str, body: dict) -> threading.Thread:
+        def go():
+            r = post(url, "completions", body, timeout=60)
+            assert r.status_code == 200, r.text
+            done.append((name, time.monotonic()))
+        t = threading.Thread(target=go)
+        t.start()
+        return t
+
+    threads = [send("mh", {"prompt": "chain", "method": "mh", "max_tokens": 64,
+                           "num_blocks": 4, "mh_moves": 5, "seed": 1})]
+    wait_for(lambda: health(url)["queued"] == 1)
+    threads += [send(f"smc{i}", {"prompt": f"s{i}", "seed": i}) for i in range(3)]
+    wait_for(lambda: health(url)["queued"] == 4)
+    lm.gate.set()
+    for t in [blocker, *threads]:
+        t.join(60)
+    order = [name for name, _ in sorted(done, key=lambda x: x[1])]
+    assert len(order) == 4 and order[-1] == "mh", order
+
+
 def test_full_queue_answers_429_and_recovers(gated):
     url, lm = gated
     blocker, _ = _block_worker(url, lm)
@@ -344,7 +374,6 @@ def test_a_client_that_disconnects_has_its_work_dropped(gated):
     (["--particles", "100", "--max-particles", "64"], "--particles"),
     (["--method", "beam"], "method"),
     (["--port", "70000"], "--port"),
-    (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
     (["--alpha", "0.5"], "alpha"),
 ])
 def test_serve_rejects_bad_settings_before_loading_the_model(args, needle, capsys):

@@ -27,7 +27,7 @@ START_TIMEOUT_S = 240
 def serve(*flags: str):
     """`powersmc serve` on the default model; yields (base URL, process) once ready."""
     return serve_process("--device", "cpu", "--particles", "4", "--max-batch", "8",
-                         "--batch-wait-ms", "0", "--log-level", "warning", *flags,
+                         "--log-level", "warning", *flags,
                          timeout=START_TIMEOUT_S)
 
 

@@ -34,7 +34,7 @@ from powersmc.server.schemas import ChatRequest, CompletionRequest  # noqa: E402
 
 KEY = "sk-fuzz"
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-CONFIG = dict(model_name="toy", api_key=KEY, max_particles=4, max_batch=8, batch_wait_ms=0,
+CONFIG = dict(model_name="toy", api_key=KEY, max_particles=4, max_batch=8,
               max_queue=64, max_body_bytes=65_536, max_tokens_limit=8, max_choices=4,
               request_timeout=20.0,
               defaults={"method": "smc", "alpha": 4.0, "particles": 2, "ess_threshold": 0.5,

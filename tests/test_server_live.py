@@ -34,7 +34,7 @@ START_TIMEOUT_S = 240
 def server():
     """A live `powersmc serve` on the default model; yields its base URL."""
     with serve_process("--api-key", KEY, "--device", "cpu", "--particles", "4",
-                       "--max-new-tokens", "24", "--max-batch", "8", "--batch-wait-ms", "200",
+                       "--max-new-tokens", "24", "--max-batch", "8",
                        "--max-tokens-limit", "100000", "--log-level", "warning") as (url, _):
         yield url
 

@@ -21,11 +21,12 @@ pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from server_toys import EchoLM, free_port, health, wait_for  # noqa: E402
 
+from powersmc import FunctionLM  # noqa: E402
 from powersmc.server import ServerConfig, create_app  # noqa: E402
 
 KEY = "sk-ops"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CONFIG = dict(model_name="toy", api_key=KEY, max_particles=32, max_batch=8, batch_wait_ms=0,
+CONFIG = dict(model_name="toy", api_key=KEY, max_particles=32, max_batch=8,
               max_queue=8, defaults={"method": "smc", "alpha": 4.0, "particles": 4,
                                      "ess_threshold": 0.5, "resampler": "systematic",
                                      "ramp_tokens": 0, "order": "standard", "max_tokens": 16,
@@ -238,25 +239,24 @@ def test_the_server_request_timeout_caps_the_field():
 
 
 def test_expired_items_are_dropped_by_the_worker_before_they_start():
-    """The worker's own check (`WorkItem.deadline`), without the handler's."""
-    from powersmc.server.batching import Batcher
+    """The worker's own check (`WorkItem.deadline`), without the handler's: an item whose
+    deadline passed while queued is answered 408 and never reaches the scheduler."""
+    from powersmc.server.execute import Executor
+    from powersmc.server.jobs import Job
+    from powersmc.server.worker import StepWorker
 
-    ran: list = []
-    batcher = Batcher(lambda jobs: [ran.append(j) or j for j in jobs], max_batch=4,
-                      batch_wait_s=0, max_queue=4)
-
-    class Job:
-        systems, batch_key, timeout = 1, None, 0.05
-
-    item = batcher.submit(Job())
+    lm = FunctionLM(lambda prefix: [0.0] * 4, 4, [0])
+    worker = StepWorker(lambda: Executor(lm), max_systems=4, max_queue=4)
+    item = worker.submit(Job(chat=False, prompts=[[1]], n=1, method="smc", alpha=2.0,
+                             max_tokens=2, seed=0, timeout=0.05))
     time.sleep(0.1)
-    batcher.start()
+    worker.start()
     try:
         err = item.future.exception(timeout=5)
-        assert err.status == 408 and err.param == "timeout" and not ran
-        assert batcher.stats["expired_waiting"] == 1
+        assert err.status == 408 and err.param == "timeout"
+        assert worker.sched is not None and worker.sched.steps == 0
     finally:
-        batcher.stop()
+        worker.stop()
 
 
 @pytest.mark.parametrize("timeout", [0, -1, "5", float("1e308") * 10, True])

@@ -30,7 +30,7 @@ from powersmc.server.replicas import REPORT_S, plan, replicated  # noqa: E402
 
 KEY = "sk-replicas"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CONFIG = dict(model_name="toy", api_key=KEY, max_particles=32, max_batch=8, batch_wait_ms=0,
+CONFIG = dict(model_name="toy", api_key=KEY, max_particles=32, max_batch=8,
               max_queue=8, max_body_bytes=4096, max_tokens_limit=200,
               defaults={"method": "smc", "alpha": 4.0, "particles": 4, "ess_threshold": 0.5,
                         "resampler": "systematic", "ramp_tokens": 0, "order": "standard",

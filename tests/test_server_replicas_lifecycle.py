@@ -32,7 +32,7 @@ from powersmc.server import ServerConfig  # noqa: E402
 from powersmc.server.replicas import replicated  # noqa: E402
 
 MAX_BATCH, CLIENTS = 4, 12
-CONFIG = dict(model_name="toy", max_particles=8, max_batch=MAX_BATCH, batch_wait_ms=0,
+CONFIG = dict(model_name="toy", max_particles=8, max_batch=MAX_BATCH,
               max_queue=32, max_tokens_limit=200,
               defaults={"method": "smc", "alpha": 4.0, "particles": 2, "ess_threshold": 0.5,
                         "resampler": "systematic", "ramp_tokens": 0, "order": "standard",

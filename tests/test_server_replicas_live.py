@@ -38,7 +38,7 @@ def served():
     """`powersmc serve --replicas 2` on the default model; yields (base URL, process)."""
     with serve_process("--replicas", "2", "--threads", "1", "--api-key", KEY, "--device",
                        "cpu", "--particles", "4", "--max-new-tokens", "24", "--max-batch", "8",
-                       "--batch-wait-ms", "200", "--max-tokens-limit", "100000",
+                       "--max-tokens-limit", "100000",
                        "--shutdown-timeout", "120", "--log-level", "warning", replicas=2,
                        timeout=START_TIMEOUT_S, env={"RAY_DEDUP_LOGS": "0"}) as served:
         yield served

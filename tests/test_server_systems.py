@@ -1,8 +1,8 @@
-"""The server's non-SMC requests as scheduler systems (`server.systems`), checked against
-exact answers on enumerable toy models: decoding rows are independent draws of their decoder
+"""The server's requests as scheduler programs (`server.systems`), checked against exact
+answers on enumerable toy models: decoding rows are independent draws of their decoder
 (plain with temperature / top-k / top-p, low temperature), greedy rows are the argmax path,
-and best-of-N systems carry the weights (alpha - 1) log p(y) and an evidence-weighted output
-that is exactly pi_alpha. Tolerances are Bonferroni z-thresholds (`stats`)."""
+and best-of-N carries the weights (alpha - 1) log p(y) and an evidence-weighted output that
+is exactly pi_alpha. Tolerances are Bonferroni z-thresholds (`stats`)."""
 
 import math
 
@@ -15,7 +15,7 @@ from powersmc import Scheduler, sample
 from powersmc.exact import decoder_distribution, power_distribution
 from powersmc.proposals import NucleusProposal
 from powersmc.server.jobs import Job
-from powersmc.server.systems import systems
+from powersmc.server.systems import programs
 
 ALPHA = 4.0
 
@@ -26,9 +26,9 @@ def _job(method: str, n: int, seed: int, **options) -> Job:
 
 
 def _run(lm, jobs: list[Job]) -> list:
-    """Every job's systems through one scheduler; the results in submission order."""
+    """Every job's programs through one scheduler; the results in submission order."""
     sched = Scheduler(lm)
-    handles = [sched.submit(p, **kw) for job in jobs for p, kw in systems(job, [PROMPT])]
+    handles = [sched.start(p) for job in jobs for p in programs(job, lm, [PROMPT])]
     sched.run()
     return [h.result() for h in handles]
 
@@ -46,8 +46,8 @@ def test_decoding_rows_are_independent_draws_of_the_decoder(options, logq):
     lm = random_lm()
     method, opts = ("lowtemp", {}) if options == "lowtemp" else ("plain", options)
     results = _run(lm, [_job(method, 40, seed, **opts) for seed in range(100)])
-    draws = [tuple(p.token_ids) for r in results for p in r.particles]
-    assert all(r.resample_steps == [] for r in results) and len(draws) == 4000
+    draws = [tuple(s) for r in results for s in r.samples]
+    assert len(draws) == 4000
     target = decoder_distribution(lm, PROMPT, HORIZON, logq)
     _, worst = weighted_frequency_z(draws, [1.0] * len(draws), target)
     assert worst < z_threshold(num_cells(target, len(draws)))
@@ -58,9 +58,9 @@ def test_greedy_rows_are_the_argmax_path(make):
     lm = make()
     (res,) = _run(lm, [_job("greedy", 3, 0)])
     want = sample(lm, PROMPT, greedy=True, num_samples=1, max_new_tokens=HORIZON, seed=0)
-    assert [p.token_ids for p in res.particles] == want.samples * 3
+    assert res.samples == want.samples * 3
     (res,) = _run(lm, [_job("plain", 2, 0, temperature=0, top_k=None, top_p=None)])
-    assert [p.token_ids for p in res.particles] == want.samples * 2
+    assert res.samples == want.samples * 2
 
 
 def test_best_of_n_weights_and_its_evidence_weighted_output_are_exact():

@@ -178,8 +178,7 @@ def test_cache_option_is_checked():
 
 def test_serve_asks_for_the_cache_systems_join():
     """`powersmc serve` loads its model for continuous batching (`continuous=True`: on CPU,
-    Transformers' auto cache is then the static one, the only one systems join mid-batch);
-    the windowed batcher keeps the per-device choice."""
+    Transformers' auto cache is then the static one, the only one systems join mid-batch)."""
     from powersmc.cli import build_parser
     from powersmc.server.run import model_kwargs
 
@@ -187,7 +186,7 @@ def test_serve_asks_for_the_cache_systems_join():
         return model_kwargs(build_parser().parse_args(["serve", *flags]))
 
     assert kwargs()["continuous"] is True
-    assert kwargs("--batching", "windowed")["continuous"] is False
+    assert kwargs("--kv-cache-gib", "3")["engine"] == {"kv_cache_gib": 3.0}
 
 
 def test_load_model_passes_compile(tmp_path):

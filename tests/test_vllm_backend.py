@@ -231,23 +231,30 @@ def test_greedy_and_lowtemp_log_probs_equal_transformers(vllm_lm, hf_lm):
     """Greedy decoding picks the same tokens as on Transformers, with the same log p, and
     low-temperature decoding's recorded log p / log q match the full-vocabulary values."""
     from powersmc import sample
-    from powersmc.methods.rollout import TemperatureRule, sample_rows
+    from powersmc.methods.program import Continue
+    from powersmc.methods.scheduler import run_program
     from powersmc.proposals import truncate_logprobs
+    from powersmc.results import SampleResult
 
     g = sample(vllm_lm, PROMPT, greedy=True, max_new_tokens=8, seed=0)
     h = sample(hf_lm, PROMPT, greedy=True, max_new_tokens=8, seed=0)
     assert g.samples == h.samples
     assert abs(g.stats["log_p"][0] - h.stats["log_p"][0]) < 8 * TOL
     ids = vllm_lm.encode_prompt(PROMPT)
-    rule = TemperatureRule(0.5, top_k=50)
-    out, _ = sample_rows(vllm_lm, ids, 1, 6, rule, torch.Generator().manual_seed(0))
-    path = out.sequences()[0]
+
+    def rows():  # a program asking for one row from the top-50 nucleus at temperature 0.5
+        (out,) = yield [Continue(ids, 1, 6, torch.Generator().manual_seed(0), tau=0.5,
+                                 top_k=50)]
+        return SampleResult("rows", "", [], 0, stats={"out": out})
+
+    out = run_program(vllm_lm, rows()).stats["out"]
+    path = out.tokens[0]
     ref = _hf_logprobs(hf_lm, ids, path[:-1])
     for t, tok in enumerate(path):
         lq = truncate_logprobs(torch.log_softmax(ref[t : t + 1] / 0.5, -1).float(), top_k=50)
         lq = lq[0].double()
-        assert abs(float(out.logp[0, t]) - float(ref[t, tok])) < TOL
-        assert abs(float(out.logq[0, t]) - float(lq[tok])) < TOL
+        assert abs(out.logp[0][t] - float(ref[t, tok])) < TOL
+        assert abs(out.logq[0][t] - float(lq[tok])) < TOL
 
 
 def test_bad_options_give_clear_errors(vllm_lm):

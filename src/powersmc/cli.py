@@ -183,16 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_kwargs(args: argparse.Namespace) -> dict:
-    """`load_model`'s arguments from the CLI (also how each Ray worker loads its model, so a
-    local model path is made absolute: a worker need not share the driver's directory)."""
-    model = args.model
-    if model is not None and os.path.exists(os.path.expanduser(model)):
-        model = os.path.abspath(os.path.expanduser(model))
-    engine = {"kv_cache_gib": args.kv_cache_gib} if args.kv_cache_gib is not None else None
-    return dict(name_or_path=model, backend=args.backend, gguf_file=args.gguf_file,
-                device=args.device, dtype=args.dtype, chat=False if args.raw else None,
-                threads=args.threads, weights=args.weights, engine=engine, cache=args.cache,
-                compile=args.compile)
+    """`load_model`'s arguments for `sample` and `eval` (and each Ray worker)."""
+    from powersmc.models import load_arguments
+
+    return load_arguments(args, chat=False if args.raw else None)
 
 
 def _load(args: argparse.Namespace):

@@ -109,6 +109,23 @@ def choose_backend(name_or_path: str | os.PathLike | None, backend: str, device:
     return "transformers"
 
 
+def load_arguments(args: Any, *, chat: bool | None = None,
+                   continuous: bool = False) -> dict[str, Any]:
+    """`load_model`'s arguments from the shared model flags of `powersmc sample`, `eval` and
+    `serve` (an argparse namespace); the one builder every command and each Ray worker or
+    replica uses. A local model path is made absolute: a worker need not share the driver's
+    directory. `continuous`: the model serves `powersmc serve`'s scheduler."""
+    model = args.model
+    if model is not None and os.path.exists(os.path.expanduser(model)):
+        model = os.path.abspath(os.path.expanduser(model))
+    kv = getattr(args, "kv_cache_gib", None)
+    return dict(name_or_path=model, backend=args.backend, gguf_file=args.gguf_file,
+                device=args.device, dtype=args.dtype, chat=chat, threads=args.threads,
+                weights=args.weights, engine=None if kv is None else {"kv_cache_gib": kv},
+                cache=getattr(args, "cache", "auto"), compile=getattr(args, "compile", "auto"),
+                continuous=continuous)
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,

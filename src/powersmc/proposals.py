@@ -146,11 +146,7 @@ def truncate_logprobs(
 
 def check_truncation(top_k: int | None, top_p: float | None) -> bool:
     """Validate top-k / top-p; warn that they change the target. Returns True if truncating."""
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise InputError("top_k", "a positive integer, or None for the full vocabulary", top_k)
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise InputError("top_p", "a number in (0, 1], or None for the full vocabulary", top_p)
-    truncating = top_k is not None or (top_p is not None and top_p < 1.0)
+    truncating = check_nucleus(top_k, top_p)
     if truncating:
         warnings.warn(
             "top_k/top_p truncate the model: the sampler then targets p_trunc(y)^alpha, the power "
@@ -159,3 +155,12 @@ def check_truncation(top_k: int | None, top_p: float | None) -> bool:
             stacklevel=3,
         )
     return truncating
+
+
+def check_nucleus(top_k: int | None, top_p: float | None) -> bool:
+    """Validate top-k / top-p; returns True if they restrict the vocabulary."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise InputError("top_k", "a positive integer, or None for the full vocabulary", top_k)
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise InputError("top_p", "a number in (0, 1], or None for the full vocabulary", top_p)
+    return top_k is not None or (top_p is not None and top_p < 1.0)

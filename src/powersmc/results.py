@@ -52,7 +52,7 @@ class SampleResult:
     text: str
     token_ids: list[int]
     seed: int
-    cost: Cost
+    cost: Cost = field(default_factory=Cost)  # a program's is the scheduler's accounting
     finished: bool = True
     samples: list[list[int]] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)

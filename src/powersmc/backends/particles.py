@@ -66,31 +66,41 @@ class DrawSpec:
 
 @runtime_checkable
 class ParticleEngine(Protocol):
-    """Live particles of several systems in one batch, advanced one token at a time.
+    """Live rows of several requests in one batch, advanced one token at a time.
 
-    Rows are system-major: the rows of the live systems in the order they joined, each
-    system's rows contiguous. A system joins with `admit` (its rows come after the others' at
-    the next `advance`) and leaves when `reorder` gives it no rows."""
+    Rows are request-major: the rows of the live requests in the order they joined, each
+    request's rows contiguous. A request joins with `admit` (its rows come after the others'
+    at the next `advance`) and leaves when `reorder` gives it no rows. A request is a
+    Power-SMC system or a program's continuation rows: the engine only draws, from each
+    request's `DrawSpec`."""
 
     device: torch.device
     fork_block: int  # a copy made when a row's length is 1 mod this costs no recomputation
-    joins_running: bool  # a system can join while others run (else only into an empty batch)
-    proposals: bool  # DrawSpec.proposal (a callable) is honoured (else admit refuses it)
-    interleaves: bool  # other work may use the model between two advances (a decoder's run)
+    max_rows: int | None  # the most live rows the engine holds at once (None: no limit)
+    joins_running: bool  # a request can join while others run (else only an empty batch)
+    failed: dict[int, Exception]  # after `advance`: joiners (by place) whose prompt failed
 
     def room(self, prompt_len: int, rows: int, budget: int) -> bool:
-        """Whether a system of `rows` rows, its prompt and `budget` generated tokens fits
+        """Whether a request of `rows` rows, its prompt and `budget` generated tokens fits
         beside the live ones now (a fixed-size cache); an empty engine always says yes."""
         ...
 
     def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int) -> None:
-        """Take a new system: `rows` particles on `prompt`, nothing generated yet. `budget`
-        bounds the tokens its rows will generate together."""
+        """Take a new request: `rows` rows on `prompt`, nothing generated yet. `budget`
+        bounds the tokens its rows will generate together. Raises `InputError` for a spec
+        the engine cannot draw."""
         ...
 
     def advance(self, alphas: Sequence[float]) -> Draw:
-        """Draw the next token of every live row from its system's proposal at that system's
-        exponent (`alphas`, one per system in row order) and append it to the row."""
+        """Draw the next token of every live row from its request's proposal at that
+        request's exponent (`alphas`, one per request in row order) and append it to the row.
+        A joiner whose prompt fails to evaluate is left out and listed in `failed`."""
+        ...
+
+    def logprobs(self, lo: int, hi: int) -> torch.Tensor:
+        """The next-token log-probs [hi - lo, V] the last `advance` drew rows lo .. hi - 1
+        from (the target's, truncated as its spec says). Raises `InputError` on an engine
+        that samples without exposing them (vLLM)."""
         ...
 
     def redraw(self, rows: torch.Tensor) -> Draw:
@@ -103,12 +113,17 @@ class ParticleEngine(Protocol):
     def reorder(self, index: torch.Tensor, counts: Sequence[int],
                 last: torch.Tensor | None = None) -> None:
         """Row k becomes a copy of old row index[k] (int64; rows may be dropped or repeated);
-        `counts`: the rows each system (in order) has afterwards, a 0 removes the system and
-        frees what it held. With `last`, row k's newest token is last[k] instead."""
+        `counts`: the rows each request (in order) has afterwards, a 0 removes the request
+        and frees what it held. With `last`, row k's newest token is last[k] instead."""
+        ...
+
+    def cells_in_use(self) -> int | None:
+        """KV cells the engine's states hold (llama.cpp: written and not freed, parked cells
+        included); None for an engine that does not count them."""
         ...
 
     def close(self) -> None:
-        """Release every system's state."""
+        """Release every request's state."""
         ...
 
 
@@ -150,7 +165,7 @@ class LMParticles:
         self.model = model
         self.device = model.device
         self.fork_block = 1  # rows are copied with their cache, at any length
-        self.proposals = self.interleaves = True  # other runs use states of their own
+        self.max_rows: int | None = getattr(model, "max_rows", None)
         self.joins_running = bool(getattr(model, "joins_running",
                                           callable(getattr(model, "extend", None))))
         self.segments: list[_Segment] = []
@@ -160,7 +175,7 @@ class LMParticles:
         self.counts: list[int] = []  # rows per live system
         self.left: list[int] = []  # cells a live system may still write (prompt + budget)
         self.joining: list[tuple[list[int], int, DrawSpec, int]] = []
-        self.failed: list[tuple[int, Exception]] = []  # joiners whose prefill failed
+        self.failed: dict[int, Exception] = {}  # joiners whose prefill failed
         self.alphas: torch.Tensor | None = None  # per-row exponent of the last draw
 
     @property
@@ -185,12 +200,12 @@ class LMParticles:
                     parts.append(self.model.step(seg.state, self.pending[lo : lo + rows]))
                     lo += rows
             self.left = [max(x - c, 0) for x, c in zip(self.left, self.counts, strict=True)]
-        joiners, self.failed = len(self.joining), []
+        joiners, self.failed = len(self.joining), {}
         if self.joining:
             with record_function("powersmc.prefill"):
                 parts += self._prefill()
         if self.failed:  # the failed joiners have no rows: drop their exponents
-            gone = {len(alphas) - joiners + k for k, _ in self.failed}
+            gone = {len(alphas) - joiners + k for k in self.failed}
             alphas = [a for i, a in enumerate(alphas) if i not in gone]
         if not parts:  # nothing runs: every system was a joiner whose prompt failed
             empty = torch.zeros(0, dtype=torch.float64, device=self.device)
@@ -223,13 +238,13 @@ class LMParticles:
                 out.append(self._join(joining[k:j], joining[k:]))
             except Exception as exc:  # noqa: BLE001 - find the system(s) that fail
                 if j - k == 1:
-                    self.failed.append((k, exc))
+                    self.failed[k] = exc
                 else:
                     for i in range(k, j):
                         try:
                             out.append(self._join(joining[i : i + 1], joining[i:]))
                         except Exception as one:  # noqa: BLE001 - it alone does not join
-                            self.failed.append((i, one))
+                            self.failed[i] = one
             k = j
         self.joining = []
         return out
@@ -270,6 +285,14 @@ class LMParticles:
             out.append(sum(self.counts[k : k + seg.systems]))
             k += seg.systems
         return out
+
+    def logprobs(self, lo: int, hi: int) -> torch.Tensor:
+        assert self.logp is not None
+        return self.logp[lo:hi]
+
+    def cells_in_use(self) -> int | None:
+        used = getattr(self.model, "cells_in_use", None)
+        return sum(used(s.state) for s in self.segments) if callable(used) else None
 
     def redraw(self, rows: torch.Tensor) -> Draw:
         assert self.logp is not None and self.alphas is not None
@@ -314,6 +337,7 @@ class LMParticles:
     def close(self) -> None:
         self.segments, self.logp, self.pending = [], None, None
         self.specs, self.counts, self.left, self.joining = [], [], [], []
+        self.failed = {}
 
     def _row_system(self) -> list[int]:
         return [k for k, c in enumerate(self.counts) for _ in range(c)]

@@ -2,8 +2,8 @@
 0.32-0.33 on GPU), driven one engine step at a time.
 
 vLLM samples tokens itself, so this backend offers no next-token log-probabilities: it serves
-Power-SMC through its own `ParticleEngine` (`backends.vllm_particles`) and the baselines through
-its own `Decoder` (`backends.vllm_decoder`). Both are built on `VllmLM`'s request driver:
+every method through its own `ParticleEngine` (`backends.vllm_particles`), built on `VllmLM`'s
+request driver:
 
 * every row is one vLLM request (prompt + the row's tokens as a token prompt); rows that
   continue a prefix another request computed reuse its KV blocks through prefix caching, so
@@ -175,16 +175,10 @@ class VllmLM:
     # --- the methods' engines -------------------------------------------------------------
 
     def particle_engine(self):
-        """Power-SMC's engine on vLLM (`ParticleEngine`): systems join as new requests."""
+        """The scheduler's engine on vLLM (`ParticleEngine`): requests join as vLLM requests."""
         from powersmc.backends.vllm_particles import VllmParticles
 
         return VllmParticles(self)
-
-    def decoder(self):
-        """The baselines' sampler on vLLM (`backends.decoder.Decoder`)."""
-        from powersmc.backends.vllm_decoder import VllmDecoder
-
-        return VllmDecoder(self)
 
     # --- the request driver ---------------------------------------------------------------
 
@@ -211,12 +205,12 @@ class VllmLM:
         if gid in self.groups:
             self.groups.remove(gid)
 
-    def submit(self, gid: str, prefix: Sequence[int], *, seed: int, max_tokens: int | None = None,
-               stop: bool = False, greedy: bool = False) -> str:
+    def submit(self, gid: str, prefix: Sequence[int], *, seed: int, greedy: bool = False) -> str:
         """Add one request continuing `prefix` (prompt + generated ids); returns its id.
 
-        The proposal is the processor's (temperature 1 here); `stop`: end at an EOS id of ours
-        (else only at `max_tokens`, default: the rest of the context)."""
+        The proposal is the processor's (temperature 1 here; greedy: vLLM's argmax); it runs
+        to the end of the context unless the engine aborts it, which it does at every row's
+        end."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -228,8 +222,7 @@ class VllmLM:
                              f"{self.max_context} tokens", len(prefix))
         params = SamplingParams(
             temperature=0.0 if greedy else 1.0, top_p=1.0, top_k=0, min_p=0.0, seed=seed,
-            max_tokens=min(room, max_tokens or room), ignore_eos=True,
-            stop_token_ids=list(self.eos_token_ids) if stop else None, logprobs=0,
+            max_tokens=room, ignore_eos=True, logprobs=0,
             output_kind=RequestOutputKind.DELTA, detokenize=False, skip_special_tokens=False,
             extra_args={vp.KEY: [gid, rid]})
         self.engine.add_request(rid, TokensPrompt(prompt_token_ids=[int(i) for i in prefix]),

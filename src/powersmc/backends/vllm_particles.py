@@ -1,7 +1,9 @@
-"""Power-SMC's `ParticleEngine` on vLLM: every live particle is one running vLLM request.
+"""The scheduler's `ParticleEngine` on vLLM: every live row is one running vLLM request.
 
-* Each particle system is one processor group with its own spec (alpha_t, tau, truncation),
-  and its requests are seeded from its own generator; systems join at any step as new requests
+* Each request of the scheduler (a particle system, a program's continuation rows) is one
+  processor group with its own spec (alpha_t, tau, truncation; a program's nucleus proposal
+  as the processor's proposal top-k / top-p, greedy as vLLM's temperature 0), and its vLLM
+  requests are seeded from its own generator; systems join at any step as new requests
   and leave by aborting theirs, while vLLM's scheduler batches every request of every system.
 * `advance` sets each group's spec for this step, submits the rows that have no running
   request (re-submission: prompt + the row's tokens as a token prompt; prefix caching
@@ -16,7 +18,8 @@
   nothing after that.
 * Weights: the processor's log Z_t (eq. 11) is the incremental weight under the default
   proposal (eq. 8, Theorem 1); with a fixed tau, alpha_t log p~ - log q of the sampled token.
-  Draw.logp is the target's log p~ (raw log p minus the truncation's shift).
+  Draw.logp is the target's log p~ (raw log p minus the truncation's shift). A greedy row's
+  log q is 0.
 * Seeds: each request gets a seed drawn from its system's generator, in row order, so a seeded
   system reproduces.
 * Fully adapted order: a system admitted with `redraws` has the processor also draw N - 1
@@ -36,6 +39,7 @@ from torch.profiler import record_function
 from powersmc.backends import vllm_processor as vp
 from powersmc.backends.particles import Draw, DrawSpec
 from powersmc.errors import InputError
+from powersmc.proposals import ArgmaxProposal, NucleusProposal
 
 
 def _seed(gen: torch.Generator) -> int:
@@ -50,19 +54,21 @@ class _Group:
     spec: vp.Spec
     draw: DrawSpec
     rows: int
+    tau: float | None  # a fixed proposal temperature (None: 1/alpha_t, the power proposal)
+    greedy: bool
 
 
 class VllmParticles:
     """Live particles of several systems as vLLM requests (see the module docstring)."""
 
     joins_running = True
+    max_rows = None  # vLLM's own scheduler queues what its KV blocks cannot hold
 
     def __init__(self, lm: Any) -> None:
         self.lm = lm
         self.device = torch.device("cpu")
         self.fork_block = lm.block_size  # prefix caching reuses whole KV blocks only
-        self.proposals = False  # vLLM's processors draw the tokens (power proposal or tau)
-        self.interleaves = False  # one engine loop steps every request: a decoder's would too
+        self.failed: dict[int, Exception] = {}  # a joiner's prompt never fails apart here
         self.groups: list[_Group] = []  # per live system, in row order
         self.seqs: list[list[int]] = []  # per row: prompt + generated tokens
         self.reqs: list[str | None] = []  # per row: its running request, or None
@@ -74,13 +80,19 @@ class VllmParticles:
         return True
 
     def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int) -> None:
-        if spec.proposal is not None:
-            raise InputError("proposal", "None on the vLLM backend (vLLM draws the tokens, from "
-                             "the power proposal or a fixed tau=)", type(spec.proposal).__name__)
         vspec = vp.Spec(top_k=spec.top_k, top_p=spec.top_p)
+        tau, greedy = spec.tau, isinstance(spec.proposal, ArgmaxProposal)
+        if isinstance(spec.proposal, NucleusProposal):
+            tau = spec.proposal.tau
+            vspec.proposal_top_k, vspec.proposal_top_p = spec.proposal.top_k, spec.proposal.top_p
+        elif spec.proposal is not None and not greedy:
+            raise InputError("proposal", "None on the vLLM backend (vLLM draws the tokens, from "
+                             "the power proposal, a fixed tau=, a top-k / top-p nucleus or "
+                             "greedily)", type(spec.proposal).__name__)
         vspec.extra = rows - 1 if spec.redraws else 0
         vspec.seed = _seed(spec.generator)
-        self.groups.append(_Group(self.lm.group(vspec, exclusive=False), vspec, spec, rows))
+        self.groups.append(_Group(self.lm.group(vspec, exclusive=False), vspec, spec, rows,
+                                  1.0 if greedy else tau, greedy))
         self.seqs += [list(prompt) for _ in range(rows)]
         self.reqs += [None] * rows
 
@@ -90,12 +102,13 @@ class VllmParticles:
     def advance(self, alphas: Sequence[float]) -> Draw:
         for g, a in zip(self.groups, alphas, strict=True):
             g.spec.alpha = a
-            g.spec.inv_tau = a if g.draw.tau is None else 1.0 / g.draw.tau
+            g.spec.inv_tau = a if g.tau is None else 1.0 / g.tau
         row_groups = self._row_groups()
         for i, seq in enumerate(self.seqs):
             if self.reqs[i] is None:
                 g = row_groups[i]
-                self.reqs[i] = self.lm.submit(g.gid, seq, seed=_seed(g.draw.generator))
+                self.reqs[i] = self.lm.submit(g.gid, seq, seed=_seed(g.draw.generator),
+                                              greedy=g.greedy)
         row_of = {r: i for i, r in enumerate(self.reqs)}
         got: list[Any] = [None] * len(self.seqs)
         waiting = len(self.seqs)
@@ -139,14 +152,22 @@ class VllmParticles:
         tokens = torch.tensor([p[0] for p in picks], dtype=torch.long)
         lp = torch.tensor([p[1] for p in picks], dtype=torch.float64)
         log_z = torch.tensor([p[2].log_z for p in picks], dtype=torch.float64)
-        if all(p[3].draw.tau is None for p in picks):
+        if all(p[3].tau is None for p in picks):
             return Draw(tokens, lp, log_z, log_z)
         a = torch.tensor([p[3].spec.alpha for p in picks], dtype=torch.float64)
         inv_tau = torch.tensor([p[3].spec.inv_tau for p in picks], dtype=torch.float64)
         log_norm = torch.tensor([p[2].log_norm for p in picks], dtype=torch.float64)
-        incr = a * lp - (inv_tau * lp - log_norm)
-        default = torch.tensor([p[3].draw.tau is None for p in picks])
-        return Draw(tokens, lp, torch.where(default, log_z, incr), log_z)
+        greedy = torch.tensor([p[3].greedy for p in picks])
+        log_q = torch.where(greedy, 0.0, inv_tau * lp - log_norm)
+        default = torch.tensor([p[3].tau is None for p in picks])
+        return Draw(tokens, lp, torch.where(default, log_z, a * lp - log_q), log_z)
+
+    def logprobs(self, lo: int, hi: int) -> torch.Tensor:
+        raise InputError("method", "a backend with next-token log-probabilities (transformers, "
+                         "llama.cpp): vLLM samples without exposing them")
+
+    def cells_in_use(self) -> int | None:
+        return None
 
     def reorder(self, index: torch.Tensor, counts: Sequence[int],
                 last: torch.Tensor | None = None) -> None:

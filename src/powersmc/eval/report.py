@@ -134,8 +134,8 @@ def _paired_table(rows: list[dict]) -> list[str]:
 def _batch_note(batch_prompts: int | None) -> list[str]:
     if not batch_prompts or batch_prompts < 2:
         return []
-    return [f"Power-SMC ran up to {batch_prompts} problems at once in one continuously batched "
-            "scheduler (`--batch-prompts`): its seconds are each answer's own time from "
+    return [f"Every method ran up to {batch_prompts} problems at once in one continuously "
+            "batched scheduler (`--batch-prompts`): its seconds are each answer's own time from "
             "admission to answer, spent sharing every forward pass with the others.", ""]
 
 

@@ -1,6 +1,6 @@
 """Work units of an evaluation: what runs, with which seed, and the graded rows each yields.
 
-A unit is one (problem, method, seed), or with `batch_prompts` = P > 1 the Power-SMC runs of
+A unit is one (problem, method, seed), or with `batch_prompts` = P > 1 one method's runs on
 up to P problems for a seed, run through one `Scheduler`. The unit list is the same whoever
 runs it (in process or on Ray workers) and every (problem, seed) derives its own seed, so its
 rows do not depend on which worker ran it, when, or beside which problems (up to the timing
@@ -9,10 +9,11 @@ forward pass).
 
 The methods run side by side on each problem with the same derived seed, so per-problem
 latency ratios compare the same work on the same machine state. In process, `run_stream`
-keeps P Power-SMC systems in flight across all batched units (the next problem joins the
-running batch as soon as one finishes, and each row is written when its system finishes);
-a batched row's `seconds` is its own system's time from admission to answer, spent beside
-up to P - 1 others.
+keeps P programs (`methods.program`: any method) in flight across all batched units (the next
+problem joins the running batch as soon as one finishes, and each row is written when its
+program finishes): K MH chains, Power-SMC systems or rollouts share every forward pass. A
+batched row's `seconds` is its own program's time from admission to answer, spent beside up
+to P - 1 others.
 
 Results with weighted particles (Power-SMC, best-of-N) are graded twice: the drawn answer (the
 paper's output: `answer`, `correct`) and the weighted vote over all particles, answers pooled
@@ -37,7 +38,7 @@ from powersmc.backends.protocol import LanguageModel
 from powersmc.eval.grading import answer_key, grade
 from powersmc.eval.problem import Problem
 from powersmc.eval.prompts import render
-from powersmc.methods.registry import run_method, smc_options
+from powersmc.methods.registry import method_program, run_method
 from powersmc.methods.scheduler import Handle, Scheduler
 from powersmc.methods.selection import normalized, weighted_vote
 
@@ -56,8 +57,8 @@ class Settings:
 
 @dataclass(frozen=True)
 class Unit:
-    """One method on one problem for one seed, or (`batched`) Power-SMC on several problems in
-    one batch; `prompts` are the problems' rendered prompts."""
+    """One method on one problem for one seed, or (`batched`) on several problems in one
+    batch; `prompts` are the problems' rendered prompts."""
 
     method: str
     seed: int
@@ -78,21 +79,23 @@ def derived_seed(seed: int, problem_id: str) -> int:
 def plan(problems: list[Problem], methods: list[str], seeds: list[int], template: str,
          batch_prompts: int, done: Container[Key]) -> list[Unit]:
     """The units still to run, in the order a single process runs them: problems in chunks of
-    `batch_prompts`, each chunk's seeds in turn, the batched Power-SMC first."""
-    batched = "smc" if batch_prompts > 1 else None
+    `batch_prompts`, each chunk's seeds in turn; with `batch_prompts` > 1 one batched unit
+    per method and chunk, else one unit per problem and method."""
     units: list[Unit] = []
     for first in range(0, len(problems), batch_prompts):
         chunk = problems[first : first + batch_prompts]
         prompts = {p.id: render(template, p.question) for p in chunk}
         for seed in seeds:
-            if batched in methods:
-                todo = tuple(p for p in chunk if (p.id, batched, seed) not in done)
-                if todo:
-                    units.append(Unit(batched, seed, todo, tuple(prompts[p.id] for p in todo),
-                                      batched=True))
+            if batch_prompts > 1:
+                for method in methods:
+                    todo = tuple(p for p in chunk if (p.id, method, seed) not in done)
+                    if todo:
+                        units.append(Unit(method, seed, todo,
+                                          tuple(prompts[p.id] for p in todo), batched=True))
+                continue
             for problem in chunk:
                 for method in methods:
-                    if method != batched and (problem.id, method, seed) not in done:
+                    if (problem.id, method, seed) not in done:
                         units.append(Unit(method, seed, (problem,), (prompts[problem.id],)))
     return units
 
@@ -114,13 +117,12 @@ def run_unit(model: LanguageModel, unit: Unit, settings: Settings) -> list[dict]
 
 def run_stream(model: LanguageModel, units: list[Unit], settings: Settings, in_flight: int,
                write: Callable[[dict], None]) -> None:
-    """The batched units' Power-SMC runs through one `Scheduler`, `in_flight` systems at a
-    time: a problem joins the running batch as soon as another finishes, and `write` gets its
-    graded row at once (so a killed run loses at most the systems in flight)."""
+    """The batched units' runs through one `Scheduler`, `in_flight` programs at a time: a
+    problem joins the running batch as soon as another finishes, and `write` gets its graded
+    row at once (so a killed run loses at most the programs in flight)."""
     _reset_peak_memory(model.device)
     todo = deque((u, p, prompt) for u in units
                  for p, prompt in zip(u.problems, u.prompts, strict=True))
-    opts = smc_options(settings.options)
     sched = Scheduler(model)
     live: dict[Handle, tuple[Unit, Problem, int]] = {}
     try:
@@ -128,8 +130,9 @@ def run_stream(model: LanguageModel, units: list[Unit], settings: Settings, in_f
             while todo and len(live) < in_flight:
                 unit, problem, prompt = todo.popleft()
                 run_seed = derived_seed(unit.seed, problem.id)
-                handle = sched.submit(prompt, seed=run_seed, alpha=settings.alpha,
-                                      max_new_tokens=settings.max_new_tokens, **opts)
+                handle = sched.start(method_program(
+                    unit.method, model, prompt, alpha=settings.alpha,
+                    max_new_tokens=settings.max_new_tokens, seed=run_seed, **settings.options))
                 live[handle] = (unit, problem, run_seed)
             sched.step()
             for handle in [h for h in live if h.done]:

@@ -17,13 +17,14 @@ import torch
 
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.methods.common import check_alpha, check_positive_int, encode_prompt, make_generator
-from powersmc.methods.rollout import TemperatureRule, sample_rows
+from powersmc.methods.program import Continue, Program
+from powersmc.methods.scheduler import run_program
 from powersmc.methods.selection import AnswerKey, apply_select, check_select
 from powersmc.results import ImportanceResult, Particle
 from powersmc.weights import ess, log_mean_weight
 
 
-def bon_sample(
+def bon_program(
     model: LanguageModel,
     prompt: Prompt,
     *,
@@ -33,30 +34,37 @@ def bon_sample(
     seed: int | None = None,
     select: str = "sample",
     key: AnswerKey | None = None,
-) -> ImportanceResult:
-    """Draw N = `num_samples` answers from p(y|x) in one batch and return one of them, drawn
-    with probability proportional to p(y)^(alpha - 1) (select='sample'), or the answer with the
-    largest total normalised weight (select='vote', answers compared by `key`)."""
+) -> Program:
+    """Draw N = `num_samples` answers from p(y|x) as one request's rows and return one of
+    them, drawn with probability proportional to p(y)^(alpha - 1) (select='sample'), or the
+    answer with the largest total normalised weight (select='vote', answers compared by
+    `key`)."""
     alpha = check_alpha(alpha)
     n = check_positive_int("num_samples", num_samples)
     check_select(select)
     ids = encode_prompt(model, prompt, max_new_tokens)
     gen, seed = make_generator(seed, model.device)
-    out, cost = sample_rows(model, ids, n, max_new_tokens, TemperatureRule(1.0), gen)
-    log_p = out.logp.sum(1)  # float64; zero past each row's end
+    (out,) = yield [Continue(ids, n, max_new_tokens, gen)]
+    log_p = torch.tensor(out.log_p(), dtype=torch.float64)
     log_w = (alpha - 1.0) * log_p
     total = torch.logsumexp(log_w, 0)
-    chosen = int(torch.multinomial(torch.exp(log_w - total), 1, generator=gen))
-    samples, fin = out.sequences(), out.finished.tolist()
-    texts = [model.decode(s) for s in samples]
+    chosen = int(torch.multinomial(torch.exp(log_w - total).to(gen.device), 1, generator=gen))
+    texts = [model.decode(s) for s in out.tokens]
     lw = log_w.tolist()
-    parts = [Particle(samples[i], texts[i], lw[i], fin[i]) for i in range(n)]
+    parts = [Particle(out.tokens[i], texts[i], lw[i], out.finished[i]) for i in range(n)]
     best = parts[chosen]
     result = ImportanceResult(
-        method="bon", text=best.text, token_ids=best.token_ids, seed=seed, cost=cost,
-        finished=best.finished, samples=samples, texts=texts, particles=parts,
+        method="bon", text=best.text, token_ids=best.token_ids, seed=seed,
+        finished=best.finished, samples=out.tokens, texts=texts, particles=parts,
         log_z=float(log_mean_weight(log_w)),
         ess=float(ess(log_w)), alpha=alpha, num_particles=n,
         stats={"chosen_particle": chosen, "log_p": log_p.tolist()},
     )
     return apply_select(result, select, key)
+
+
+def bon_sample(model: LanguageModel, prompt: Prompt, **options) -> ImportanceResult:
+    """One importance-resampled best-of-N answer (`bon_program`'s options), run alone."""
+    result = run_program(model, bon_program(model, prompt, **options))
+    assert isinstance(result, ImportanceResult)
+    return result

@@ -17,15 +17,16 @@ over the regenerated parts. Two modes:
   when the proposal ends early, no index correction, early return after a block that ends in
   EOS. Its chain is not exactly pi_alpha-invariant; tests/test_mh.py measures the bias.
 
-Unlike the published code, the prompt is computed once: every move continues the kept prefix
-from its cache (a KV-cache fork, or vLLM's prefix cache) instead of re-running the prompt, and
-the generator is seeded. The backend is reached through `methods.rollout.Decoder`.
+Unlike the published code, the prompt is never re-run from scratch for the whole chain: the
+method is a program of the one `Scheduler` (`methods.program`), and every proposal is a
+`Continue` request of the kept prefix whose rows join the running batch, so K chains (and
+anything else in flight) share every forward pass; the generator is seeded.
 """
 
 from __future__ import annotations
 
 import math
-import time
+from dataclasses import dataclass
 
 import torch
 
@@ -38,29 +39,30 @@ from powersmc.methods.common import (
     encode_prompt,
     make_generator,
 )
-from powersmc.methods.rollout import TemperatureRule, decoder
-from powersmc.results import Cost, SampleResult
+from powersmc.methods.program import Continue, Program, Rows, spawn
+from powersmc.methods.scheduler import run_program
+from powersmc.results import SampleResult
 
 MODES = ("exact", "faithful")
 FAITHFUL_TOP_K = 50
 
 
+@dataclass
 class _Chain:
-    """The current state: tokens with per-token log p / log q, and a cache of all but the last."""
+    """The current state: generated tokens with per-token log p and log q."""
 
-    def __init__(self, state, tokens, lp, lq, finished):
-        self.state, self.tokens, self.lp, self.lq, self.finished = state, tokens, lp, lq, finished
+    tokens: list[int]
+    lp: list[float]
+    lq: list[float]
+    finished: bool
 
-    @classmethod
-    def from_rollout(cls, prefix: _Chain | None, j: int, ro) -> _Chain:
-        n = int(ro.lengths[0])
-        head = ([], [], []) if prefix is None else (
-            prefix.tokens[:j], prefix.lp[:j], prefix.lq[:j])
-        return cls(ro.state, head[0] + ro.tokens[0, :n].tolist(), head[1] + ro.logp[0, :n].tolist(),
-                   head[2] + ro.logq[0, :n].tolist(), bool(ro.finished[0]))
+    def then(self, j: int, rows: Rows) -> _Chain:
+        """y_{<j} of this chain followed by the one row of `rows`."""
+        return _Chain(self.tokens[:j] + rows.tokens[0], self.lp[:j] + rows.logp[0],
+                      self.lq[:j] + rows.logq[0], rows.finished[0])
 
 
-def mh_sample(
+def mh_program(
     model: LanguageModel,
     prompt: Prompt,
     *,
@@ -70,9 +72,9 @@ def mh_sample(
     mh_moves: int = 10,
     mode: str = "exact",
     seed: int | None = None,
-) -> SampleResult:
-    """Block-wise MH for pi_alpha. Defaults are the published settings: alpha = 4, 3072 tokens,
-    16 blocks (B = 192), 10 moves per block."""
+) -> Program:
+    """Block-wise MH for pi_alpha, as a program. Defaults are the published settings:
+    alpha = 4, 3072 tokens, 16 blocks (B = 192), 10 moves per block."""
     alpha = check_alpha(alpha)
     check_positive_int("num_blocks", num_blocks)
     check_nonnegative_int("mh_moves", mh_moves)
@@ -81,39 +83,29 @@ def mh_sample(
     ids = encode_prompt(model, prompt, max_new_tokens)
     gen, seed = make_generator(seed, model.device)
     faithful = mode == "faithful"
-    rule = TemperatureRule(1.0 / alpha, top_k=FAITHFUL_TOP_K if faithful else None)
     block = math.ceil(max_new_tokens / num_blocks)
-    cost = Cost()
-    start = time.perf_counter()
-    # the chain and one proposal are alive at once, each at most max_new_tokens long; a
-    # cache that cannot free an old chain's cells at once holds up to half a chain per move
-    budget = (3 + num_blocks * mh_moves // 2) * max_new_tokens
-    dec = decoder(model)
-    dec.start(ids, 1, budget=budget, cost=cost)
     proposed = accepted = 0
 
-    def regenerate(chain: _Chain | None, j: int, cap: int) -> _Chain:
-        """Continue the kept prefix y_{<j} of `chain` with a new suffix of at most cap - j
-        tokens (no chain: a first answer)."""
-        if chain is None or j == 0:
-            ro = dec.sample(1, cap - j, rule, gen, cost)
-        else:
-            ro = dec.sample(1, cap - j, rule, gen, cost, prefix=chain.tokens[:j],
-                            source=chain.state)
-        return _Chain.from_rollout(chain, j, ro)
+    def propose(prefix: list[int], tokens: int) -> Continue:
+        """A suffix of at most `tokens` tokens after the kept prefix, at temperature 1/alpha
+        (inside the top 50 in the faithful mode)."""
+        return Continue(ids + prefix, 1, tokens, spawn(gen), tau=1.0 / alpha,
+                        top_k=FAITHFUL_TOP_K if faithful else None)
 
-    chain = regenerate(None, 0, min(block, max_new_tokens))  # the first block
+    empty = _Chain([], [], [], False)
+    (rows,) = yield [propose([], min(block, max_new_tokens))]  # the first block
+    chain = empty.then(0, rows)
     for k in range(1, num_blocks + 1):
         cap = min(k * block, max_new_tokens)
         if not chain.finished and len(chain.tokens) < cap:  # extend by one block (k > 1)
             n = len(chain.tokens)
-            ro = dec.sample(1, cap - n, rule, gen, cost, prefix=chain.tokens,
-                            source=chain.state, consume=True)
-            chain = _Chain.from_rollout(chain, n, ro)
+            (rows,) = yield [propose(chain.tokens, cap - n)]
+            chain = chain.then(n, rows)
         for _ in range(mh_moves):
             L = len(chain.tokens)
             j = int(torch.randint(L, (1,), generator=gen, device=model.device))
-            new = regenerate(chain, j, L if faithful else cap)
+            (rows,) = yield [propose(chain.tokens[:j], (L if faithful else cap) - j)]
+            new = chain.then(j, rows)
             L2 = len(new.tokens)
             if faithful:  # compare the current suffix only up to the proposal's length
                 cur = slice(j, L2)
@@ -128,12 +120,16 @@ def mh_sample(
                 chain, accepted = new, accepted + 1
         if faithful and chain.finished:
             break
-    cost.seconds = time.perf_counter() - start
     return SampleResult(
         method=f"mh-{mode}", text=model.decode(chain.tokens), token_ids=chain.tokens, seed=seed,
-        cost=cost, finished=chain.finished,
+        finished=chain.finished,
         stats={"mode": mode, "proposed": proposed, "accepted": accepted,
                "acceptance_rate": accepted / proposed if proposed else float("nan"),
                "block_size": block, "num_blocks": num_blocks, "mh_moves": mh_moves,
                "log_p": sum(chain.lp)},
     )
+
+
+def mh_sample(model: LanguageModel, prompt: Prompt, **options) -> SampleResult:
+    """One MH answer (`mh_program`'s options), run alone on a fresh `Scheduler`."""
+    return run_program(model, mh_program(model, prompt, **options))

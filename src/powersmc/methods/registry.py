@@ -1,8 +1,9 @@
-"""One entry point for every method, used by the CLI and the evaluation harness.
+"""One entry point for every method, used by the CLI, the evaluation harness and the server.
 
-`run_method(name, model, prompt, alpha=..., max_new_tokens=..., seed=..., **options)` maps the
-shared names onto each sampler; `options` holds method-specific settings, and those a method
-does not take are ignored, so one option set can drive a whole comparison.
+`method_program(name, model, prompt, alpha=..., max_new_tokens=..., seed=..., **options)` maps
+the shared names onto each method's program (`methods.program`), to start on any `Scheduler`;
+`run_method` runs one alone. `options` holds method-specific settings, and those a method does
+not take are ignored, so one option set can drive a whole comparison.
 """
 
 from __future__ import annotations
@@ -13,60 +14,71 @@ from typing import Any
 
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import InputError
-from powersmc.methods.bon import bon_sample
-from powersmc.methods.decoding import sample
-from powersmc.methods.mh import mh_sample
-from powersmc.methods.smc import smc_sample, smc_sample_many
-from powersmc.methods.spower import scalable_power_sample
+from powersmc.methods.bon import bon_program
+from powersmc.methods.decoding import decode_program
+from powersmc.methods.mh import mh_program
+from powersmc.methods.program import Program
+from powersmc.methods.scheduler import run_program
+from powersmc.methods.spower import spower_program
+from powersmc.methods.system import smc_program
 from powersmc.results import SampleResult
 
 
 def _plain(model, prompt, *, alpha, **kw):
-    return sample(model, prompt, temperature=1.0, **kw)
+    """Plain sampling at `temperature` (default 1; 0 is greedy, as OpenAI's)."""
+    if kw.get("temperature") == 0:
+        kw = {**kw, "temperature": 1.0, "greedy": True}
+    return decode_program(model, prompt, **kw)
 
 
 def _lowtemp(model, prompt, *, alpha, **kw):
-    return sample(model, prompt, temperature=1.0 / alpha, **kw)
+    return decode_program(model, prompt, temperature=1.0 / alpha, **kw)
 
 
 def _greedy(model, prompt, *, alpha, **kw):
-    return sample(model, prompt, greedy=True, **kw)
+    return decode_program(model, prompt, greedy=True, **kw)
 
 
 def _bon(model, prompt, *, alpha, max_new_tokens, seed, particles: int = 16,
          bon_samples: int | None = None, select: str = "sample", key=None):
     """Best-of-N with N = bon_samples, by default the SMC particle count (equal token-evals)."""
-    return bon_sample(model, prompt, alpha=alpha, num_samples=bon_samples or particles,
-                      max_new_tokens=max_new_tokens, seed=seed, select=select, key=key)
+    return bon_program(model, prompt, alpha=alpha, num_samples=bon_samples or particles,
+                       max_new_tokens=max_new_tokens, seed=seed, select=select, key=key)
 
 
 def _smc_adapted(model, prompt, **kw):
     """Power-SMC in the fully adapted order (`order='adapted'`), so one evaluation can run
     both orders side by side on the same problems and seeds."""
-    return smc_sample(model, prompt, **{**kw, "order": "adapted"})
+    return smc_program(model, prompt, **{**kw, "order": "adapted"})
 
 
 def _mh_faithful(model, prompt, **kw):
-    return mh_sample(model, prompt, **{**kw, "mode": "faithful"})
+    return mh_program(model, prompt, **{**kw, "mode": "faithful"})
 
 
-METHODS: dict[str, Callable[..., SampleResult]] = {
+METHODS: dict[str, Callable[..., Program]] = {
     "plain": _plain,
     "lowtemp": _lowtemp,
     "greedy": _greedy,
-    "mh": mh_sample,
+    "mh": mh_program,
     "mh-faithful": _mh_faithful,
-    "spower": scalable_power_sample,
-    "smc": smc_sample,
+    "spower": spower_program,
+    "smc": smc_program,
     "smc-adapted": _smc_adapted,
     "bon": _bon,
 }
+DECODING = ("plain", "lowtemp", "greedy")
+"""Methods whose result holds `num_samples` answers (`SampleResult.samples`)."""
+
 # Where each method's keyword arguments are declared, when its entry point only forwards them.
+_SMC_OPTIONS = ("particles", "ess_threshold", "resampler", "ramp_tokens", "alpha_schedule",
+                "tau", "proposal", "top_k", "top_p", "order", "resample_align", "rounds",
+                "select", "key")
 _TARGETS: dict[str, Callable[..., Any]] = {
-    "plain": sample, "lowtemp": sample, "greedy": sample, "mh-faithful": mh_sample,
-    "smc": smc_sample_many, "smc-adapted": smc_sample_many}
+    "plain": decode_program, "lowtemp": decode_program, "greedy": decode_program,
+    "mh-faithful": mh_program, "smc-adapted": smc_program}
 _DECODING = ("temperature", "greedy")
-_FIXED = {"plain": _DECODING, "lowtemp": _DECODING, "greedy": _DECODING,  # set by the wrappers
+_FIXED = {"plain": ("greedy",), "lowtemp": _DECODING, "greedy": _DECODING,  # by the wrappers
           "mh-faithful": ("mode",), "smc-adapted": ("order",)}
 
 
@@ -76,21 +88,26 @@ def check_method(name: str) -> str:
     return name
 
 
-def run_method(name: str, model: LanguageModel, prompt: Prompt, *, alpha: float,
-               max_new_tokens: int, seed: int | None, **options: Any) -> SampleResult:
-    """Run method `name` with the shared arguments and whichever `options` it accepts."""
+def method_program(name: str, model: LanguageModel, prompt: Prompt, *, alpha: float,
+                   max_new_tokens: int, seed: int | None, **options: Any) -> Program:
+    """Method `name`'s program with the shared arguments and whichever `options` it takes."""
     fn = METHODS[check_method(name)]
     kw = _accepted(name, options)
     return fn(model, prompt, alpha=alpha, max_new_tokens=max_new_tokens, seed=seed, **kw)
 
 
-def smc_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The options Power-SMC takes, for `Scheduler.submit` (same filtering as `run_method`)."""
-    return {k: v for k, v in _accepted("smc", options).items() if k != "progress"}
+def run_method(name: str, model: LanguageModel, prompt: Prompt, *, alpha: float,
+               max_new_tokens: int, seed: int | None, **options: Any) -> SampleResult:
+    """Run method `name` alone (see `method_program`)."""
+    return run_program(model, method_program(name, model, prompt, alpha=alpha,
+                                             max_new_tokens=max_new_tokens, seed=seed,
+                                             **options))
 
 
 def _accepted(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options method `name` takes (None means: use the method's default)."""
-    accepted = inspect.signature(_TARGETS.get(name, METHODS[name])).parameters
+    target = _TARGETS.get(name, METHODS[name])
+    accepted = set(_SMC_OPTIONS) if target is smc_program else set(
+        inspect.signature(target).parameters)
     return {k: v for k, v in options.items()
             if k in accepted and v is not None and k not in _FIXED.get(name, ())}

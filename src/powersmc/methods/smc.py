@@ -1,9 +1,10 @@
 """Power-SMC (Algorithm 1): N particles in one batched decode, exact weights, ESS resampling.
 
 The public entry points. Algorithm 1 is written once, per particle system, in
-`methods.scheduler`, which runs any number of systems in one batch that re-forms at every token
-(systems join and leave between steps); it drives a `ParticleEngine` (`backends.particles`)
-that draws one token per live particle and applies ancestor indices. Backends that return
+`methods.system`; the `Scheduler` (`methods.scheduler`) runs any number of systems in one
+batch that re-forms at every token (systems join and leave between steps); it drives a
+`ParticleEngine` (`backends.particles`) that draws one token per live particle and applies
+ancestor indices. Backends that return
 log-probabilities (Transformers, llama.cpp, toy models) are served by `LMParticles`; an engine
 that samples tokens itself (vLLM) implements the interface natively.
 
@@ -30,14 +31,9 @@ from typing import Any
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import InputError
 from powersmc.methods.common import make_generator
-from powersmc.methods.scheduler import (
-    ORDERS,
-    Scheduler,
-    check_order,
-    check_resample_align,
-    system_seed,
-)
+from powersmc.methods.scheduler import Scheduler
 from powersmc.methods.selection import AnswerKey
+from powersmc.methods.system import ORDERS, check_order, check_resample_align, system_seed
 from powersmc.proposals import Proposal
 from powersmc.results import SMCResult
 from powersmc.schedules import Schedule
@@ -143,10 +139,15 @@ def smc_sample_many(
                    max_new_tokens=max_new_tokens, tau=tau, proposal=proposal, top_k=top_k,
                    top_p=top_p, order=order, resample_align=resample_align, rounds=rounds,
                    select=select, key=key)
-    handles = [sched.submit(p, seed=system_seed(seed, k), **options)
-               for k, p in enumerate(prompts)]
     try:
+        handles = [sched.submit(p, seed=system_seed(seed, k), **options)
+                   for k, p in enumerate(prompts)]
         sched.run()
     finally:
         sched.close()
-    return [h.result() for h in handles]
+    return [_smc(h.result()) for h in handles]
+
+
+def _smc(result: object) -> SMCResult:
+    assert isinstance(result, SMCResult)
+    return result

@@ -1,11 +1,10 @@
 """The FastAPI application: OpenAI-compatible routes in front of one worker.
 
 Handlers do only cheap work (auth, body size, JSON, validation, defaults); sampling happens on
-the worker thread: by default `worker.StepWorker`, which steps a `Scheduler` so that every SMC
-request joins the running batch at the next token (`--batching windowed`: the earlier
-`batching.Batcher`). While a request waits, its handler polls for a client disconnect and for
-its deadline, and cancels the work (its systems leave the batch at the next step; the windowed
-batcher only drops it if still queued): a disconnect gets nothing, a passed deadline 408.
+the worker thread, `worker.StepWorker`, which steps one `Scheduler`: every request, of every
+method, joins the running batch at the next token. While a request waits, its handler polls
+for a client disconnect and for its deadline, and cancels the work (its rows leave the batch
+at the next step): a disconnect gets nothing, a passed deadline 408.
 
 Operations: `GET /health` (200 when ready, 503 while the model loads, after it failed to load,
 or while draining), `GET /metrics` (Prometheus text, see `metrics.py`), and `drain` on the
@@ -30,7 +29,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from powersmc.backends.protocol import LanguageModel
 from powersmc.errors import InputError
-from powersmc.server.batching import Batcher, WorkItem, deadline_error
 from powersmc.server.body import read_json
 from powersmc.server.config import ServerConfig
 from powersmc.server.errors import (
@@ -42,7 +40,8 @@ from powersmc.server.errors import (
 from powersmc.server.execute import Executor, JobResult
 from powersmc.server.jobs import resolve
 from powersmc.server.lifecycle import Lifecycle
-from powersmc.server.metrics import Metrics, MetricsMiddleware, instrument
+from powersmc.server.metrics import Metrics, MetricsMiddleware
+from powersmc.server.queue import WorkItem, deadline_error
 from powersmc.server.responses import response_body, stream_events
 from powersmc.server.schemas import ChatRequest, CompletionRequest, field_names
 from powersmc.server.worker import StepWorker
@@ -64,18 +63,8 @@ def create_app(lm: LanguageModel | None, config: ServerConfig, *,
     metrics = Metrics()
     lifecycle = Lifecycle(metrics)
     executor: list[Executor] = [Executor(lm)] if lm is not None else []
-
-    def run_batch(jobs: list[Any]) -> list[Any]:
-        return executor[0].run(jobs)
-
-    batcher: Batcher | StepWorker
-    if config.batching == "continuous":
-        batcher = StepWorker(lambda: executor[0], max_systems=config.max_batch,
-                             max_queue=config.max_queue, metrics=metrics)
-    else:
-        batcher = Batcher(instrument(run_batch, metrics), max_batch=config.max_batch,
-                          batch_wait_s=config.batch_wait_ms / 1000, max_queue=config.max_queue,
-                          metrics=metrics)
+    batcher = StepWorker(lambda: executor[0], max_systems=config.max_batch,
+                         max_queue=config.max_queue, metrics=metrics)
     metrics.track_requests(running=lambda: batcher.running, waiting=batcher.queued)
 
     def loaded(model: LanguageModel) -> None:
@@ -147,7 +136,7 @@ def create_app(lm: LanguageModel | None, config: ServerConfig, *,
 
 async def _answer(request: Request, model_cls: type[BaseModel], app: FastAPI) -> Response:
     config: ServerConfig = app.state.config
-    batcher: Batcher | StepWorker = app.state.batcher
+    batcher: StepWorker = app.state.batcher
     lifecycle: Lifecycle = app.state.lifecycle
     _authorize(request, config)
     lifecycle.check()  # refused before reading the body (and again when admitted)
@@ -167,7 +156,7 @@ async def _answer(request: Request, model_cls: type[BaseModel], app: FastAPI) ->
     return JSONResponse(response_body(job, result, config.model_name))
 
 
-async def _wait(request: Request, item: WorkItem, batcher: Batcher | StepWorker,
+async def _wait(request: Request, item: WorkItem, batcher: StepWorker,
                 metrics: Metrics) -> JobResult | None:
     """The job's result; None if the client disconnected first, a 408 `APIError` once its
     deadline passes (in both cases the work is cancelled)."""

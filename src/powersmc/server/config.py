@@ -28,12 +28,8 @@ class ServerConfig:
         may not ask for an arbitrarily large batch.
     max_tokens_limit: cap on `max_tokens` on top of the model's context check.
     max_choices: cap on prompts x n of one request.
-    batching: 'continuous' (the worker steps a `Scheduler`: every SMC request joins the running
-        batch at the next token, `server.worker`) or 'windowed' (the earlier batcher: compatible
-        requests start together in one `smc_sample_many` call, `server.batching`).
-    max_batch: most particle systems (prompts x n) in the batch at once (continuous: more wait
-        for rows; windowed: per `smc_sample_many` call, a single larger request runs alone).
-    batch_wait_ms: windowed only: how long the worker waits for compatible requests.
+    max_batch: most requests' units (particle systems, continuation groups) in the scheduler's
+        batch at once; more wait for rows (`server.worker`).
     max_queue: most requests waiting to run; more are answered 429.
     max_body_bytes: request bodies above this are answered 413.
     api_key: when set, every /v1 route needs `Authorization: Bearer <api_key>`.
@@ -54,8 +50,6 @@ class ServerConfig:
     max_tokens_limit: int = 2048
     max_choices: int = 64
     max_batch: int = 16
-    batch_wait_ms: float = 20.0
-    batching: str = "continuous"
     max_queue: int = 64
     max_body_bytes: int = 1 << 20
     api_key: str | None = None
@@ -78,11 +72,6 @@ class ServerConfig:
         for name in ("max_particles", "max_tokens_limit", "max_choices", "max_batch",
                      "max_queue", "max_body_bytes"):
             common.check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
-        if self.batching not in ("continuous", "windowed"):
-            raise InputError("--batching", "continuous or windowed", self.batching)
-        if not 0 <= self.batch_wait_ms <= 10_000:
-            raise InputError("--batch-wait-ms", "a number of milliseconds in [0, 10000]",
-                             self.batch_wait_ms)
         if d["particles"] > self.max_particles:
             raise InputError("--particles", f"at most --max-particles ({self.max_particles})",
                              d["particles"])

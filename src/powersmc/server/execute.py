@@ -1,5 +1,5 @@
-"""Running jobs on the model: prompt encoding, one `smc_sample_many` per SMC batch, the other
-methods one job at a time, and the answers cut back into per-job choices.
+"""What the worker does around the scheduler: prompt encoding, and the programs' results cut
+into per-job choices.
 
 Only the worker thread calls into this module, so the model and tokenizer are never used from
 two threads at once.
@@ -7,21 +7,16 @@ two threads at once.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from powersmc.backends.protocol import LanguageModel
 from powersmc.errors import InputError
 from powersmc.methods.common import encode_prompt
-from powersmc.methods.registry import run_method, smc_options
-from powersmc.methods.smc import smc_sample_many
-from powersmc.results import SampleResult, SMCResult
+from powersmc.methods.registry import DECODING
+from powersmc.results import ImportanceResult, SampleResult, SMCResult
 from powersmc.server.errors import APIError, from_input_error
 from powersmc.server.jobs import Job
-from powersmc.server.plain import plain_sample
-from powersmc.server.schemas import MAX_SEED
-from powersmc.server.systems import DECODING
 
 
 @dataclass
@@ -67,7 +62,7 @@ def apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class Executor:
-    """Runs lists of jobs (one batch) on `lm`."""
+    """Encodes jobs for `lm` and assembles their answers."""
 
     def __init__(self, lm: LanguageModel) -> None:
         self.lm = lm
@@ -90,98 +85,28 @@ class Executor:
             out.append(ids)
         return out
 
-    def run(self, jobs: list[Job]) -> list[JobResult | APIError]:
-        """One outcome per job. A job whose prompts fail to encode gets its own 400 and the
-        rest still run; an exception while sampling propagates (the worker fails the batch)."""
-        outcomes: list[JobResult | APIError | None] = [None] * len(jobs)
-        encoded: dict[int, list[list[int]]] = {}
-        for i, job in enumerate(jobs):
-            try:
-                encoded[i] = self.encode(job)
-            except APIError as exc:
-                outcomes[i] = exc
-        live = list(encoded)
-        if live and jobs[live[0]].method == "smc":
-            for i, res in zip(live, self._smc([jobs[i] for i in live],
-                                              [encoded[i] for i in live]), strict=True):
-                outcomes[i] = res
-        else:
-            for i in live:  # only SMC jobs are ever batched together
-                outcomes[i] = self._single(jobs[i], encoded[i])
-        return outcomes  # type: ignore[return-value]
-
-    def _smc(self, jobs: list[Job], ids: list[list[list[int]]]) -> list[JobResult]:
-        """All jobs' particle systems in one `smc_sample_many` batch (equal batch keys; the
-        windowed batcher's path)."""
-        head = jobs[0]
-        flat = [p for job, prompts in zip(jobs, ids, strict=True) for p in prompts
-                for _ in range(job.n)]
-        seed = head.seed if len(jobs) == 1 else None
-        results = smc_sample_many(self.lm, flat, alpha=head.alpha,
-                                  max_new_tokens=head.max_tokens, seed=seed,
-                                  **smc_options(head.options))
-        out, k = [], 0
-        for job, prompts in zip(jobs, ids, strict=True):
-            out.append(self.smc_result(job, prompts, results[k: k + job.systems], len(jobs),
-                                       len(flat)))
-            k += job.systems
-        return out
-
-    def smc_result(self, job: Job, ids: list[list[int]], results: list[SMCResult],
+    def job_result(self, job: Job, ids: list[list[int]], results: list[SampleResult],
                    batch_requests: int, batch_systems: int) -> JobResult:
-        """A job's answer from its scheduler systems' results (`server.systems`): one answer
-        per system (Power-SMC, best-of-N) or every row of one system per prompt (decoding);
-        prompt-major, n per prompt."""
+        """A job's answer from its programs' results (`server.systems`): every sample of one
+        program per prompt (decoding) or one answer per program; prompt-major, n per
+        prompt."""
         info = self._info(job, results[0], batch_requests, batch_systems,
                           sum(r.cost.token_evals for r in results))
-        if job.seed is None and len(results) > 1:  # each system drew its own seed
+        if job.seed is None and len(results) > 1:  # each program drew its own seed
             info["seed"] = None
         info["seconds"] = max(r.cost.seconds for r in results)
         if job.method in DECODING:
-            choices = [self._choice(job, p.token_ids, p.text, p.finished)
-                       for r in results for p in r.particles]
+            choices = [self._choice(job, s, t, f) for r in results
+                       for s, t, f in zip(r.samples, r.texts, r.stats["finished"], strict=True)]
             return JobResult(choices, sum(map(len, ids)), info)
-        info |= {"particles": job.options["particles"], "log_z": [r.log_z for r in results],
-                 "resample_steps": [list(r.resample_steps) for r in results]}
+        weighted = [r for r in results if isinstance(r, (SMCResult, ImportanceResult))]
+        if weighted:  # Power-SMC, best-of-N
+            info |= {"particles": weighted[0].num_particles, "log_z": [r.log_z for r in weighted]}
+        smc = [r for r in results if isinstance(r, SMCResult)]
+        if smc:
+            info["resample_steps"] = [list(r.resample_steps) for r in smc]
         choices = [self._choice(job, r.token_ids, r.text, r.finished) for r in results]
         return JobResult(choices, sum(map(len, ids)), info)
-
-    def _single(self, job: Job, ids: list[list[int]]) -> JobResult:
-        """A non-SMC job: decoding methods draw n samples in one batch; MH and Scalable Power
-        Sampling run n times. A seeded job's k-th sampler call uses seed + k (mod 2^63, so a
-        seed near the top of the allowed range stays one)."""
-        start, choices = time.perf_counter(), []
-        results: list[SampleResult] = []
-        for prompt in ids:
-            if job.method in DECODING:
-                res = self._decode(job, prompt, self._seed(job, len(results)))
-                results.append(res)
-                choices += [self._choice(job, s, t, f) for s, t, f in
-                            zip(res.samples, res.texts, res.stats["finished"], strict=True)]
-                continue
-            for _ in range(job.n):
-                res = run_method(job.method, self.lm, prompt, alpha=job.alpha,
-                                 max_new_tokens=job.max_tokens,
-                                 seed=self._seed(job, len(results)), **job.options)
-                results.append(res)
-                choices.append(self._choice(job, res.token_ids, res.text, res.finished))
-        info = self._info(job, results[-1], 1, job.systems,
-                          sum(r.cost.token_evals for r in results))
-        info["seconds"] = time.perf_counter() - start
-        return JobResult(choices, sum(map(len, ids)), info)
-
-    @staticmethod
-    def _seed(job: Job, k: int) -> int | None:
-        return None if job.seed is None else (job.seed + k) & MAX_SEED
-
-    def _decode(self, job: Job, prompt: list[int], seed: int | None) -> SampleResult:
-        """n samples in one batch: plain (with its temperature / top_p / top_k), lowtemp or
-        greedy decoding."""
-        if job.method == "plain":
-            return plain_sample(self.lm, prompt, num_samples=job.n, seed=seed,
-                                max_new_tokens=job.max_tokens, **job.options)
-        return run_method(job.method, self.lm, prompt, alpha=job.alpha,
-                          max_new_tokens=job.max_tokens, seed=seed, num_samples=job.n)
 
     def _info(self, job: Job, res: SampleResult, batch_requests: int, batch_prompts: int,
               token_evals: int) -> dict[str, Any]:

@@ -161,32 +161,6 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def instrument(run_batch: Callable[[list[Any]], list[Any]],
-               metrics: Metrics) -> Callable[[list[Any]], list[Any]]:
-    """`run_batch` (jobs -> outcomes, the windowed batcher's callback) reporting to `metrics`:
-    live systems / particles while the batch runs, then tokens, token-evals and resamplings
-    of its results. A per-token scheduler reports these itself at each step instead."""
-
-    def run(jobs: list[Any]) -> list[Any]:
-        systems = sum(job.systems for job in jobs)
-        particles = sum(job.systems * int(job.options.get("particles", 1)) for job in jobs)
-        metrics.set_live(systems=systems, particles=particles)
-        try:
-            outcomes = run_batch(jobs)
-        finally:
-            metrics.set_live(systems=0, particles=0)
-        for out in outcomes:
-            info = getattr(out, "info", None)
-            if info is None:  # an exception for this job
-                continue
-            metrics.add(generated_tokens=sum(c.completion_tokens for c in out.choices),
-                        token_evals=int(info.get("token_evals", 0)),
-                        resamplings=sum(len(s) for s in info.get("resample_steps", ())))
-        return outcomes
-
-    return run
-
-
 class MetricsMiddleware:
     """ASGI middleware timing the generation routes (`routes`: path -> route label): every
     request on them is counted by status and its end-to-end time observed, whether it was

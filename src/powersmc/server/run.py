@@ -26,14 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' (default: $POWERSMC_API_KEY)")
     g.add_argument("--served-model-name", default=None,
                    help="model id at /v1/models (default: --model, or SmolLM2-135M-Instruct)")
-    g.add_argument("--batching", choices=("continuous", "windowed"), default="continuous",
-                   help="continuous (default): every SMC request joins the running batch at the "
-                   "next token (powersmc.Scheduler); windowed: the earlier batcher, compatible "
-                   "requests start together (kept for comparison)")
     g.add_argument("--max-batch", type=int, default=16,
-                   help="most SMC particle systems (prompts x n) in the batch at once; more wait")
-    g.add_argument("--batch-wait-ms", type=float, default=20.0,
-                   help="windowed batching only: how long a batch waits for compatible requests")
+                   help="most requests' units (particle systems, MH proposals, rollout groups) "
+                   "in the batch at once; more wait")
     g.add_argument("--max-queue", type=int, default=64,
                    help="most requests waiting; more are answered 429")
     g.add_argument("--max-particles", type=int, default=64, help="cap on a request's particles")
@@ -78,21 +73,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
         defaults=defaults, max_particles=args.max_particles,
         max_tokens_limit=args.max_tokens_limit, max_batch=args.max_batch,
-        batch_wait_ms=args.batch_wait_ms, batching=args.batching, max_queue=args.max_queue,
+        max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes, api_key=args.api_key,
         request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout)
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
-    """`load_model`'s arguments (a local model path made absolute, for Ray replicas)."""
-    model = args.model
-    if model is not None and os.path.exists(os.path.expanduser(model)):
-        model = os.path.abspath(os.path.expanduser(model))
-    return dict(name_or_path=model, backend=args.backend, gguf_file=args.gguf_file,
-                device=args.device, dtype=args.dtype, chat=False, threads=args.threads,
-                weights=args.weights, cache=getattr(args, "cache", "auto"),
-                compile=getattr(args, "compile", "auto"),
-                continuous=getattr(args, "batching", "continuous") == "continuous")
+    """`load_model`'s arguments for the server (and each Ray replica): raw-text prompts, a
+    model ready for continuous batching."""
+    from powersmc.models import load_arguments
+
+    return load_arguments(args, chat=False, continuous=True)
 
 
 def load(args: argparse.Namespace):

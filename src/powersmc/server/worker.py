@@ -1,24 +1,16 @@
-"""The worker thread on a `Scheduler`: every Power-SMC request joins the running batch at the
-next token, and abandoned work leaves it at the next token.
+"""The worker thread on a `Scheduler`: every request, of every method, joins the running batch
+at the next token, and abandoned work leaves it at the next token.
 
 HTTP handlers `submit` work items and wait on their futures; this thread alone calls the model.
-Each loop: hand every newly submitted request to the scheduler (its prompts x n particle
-systems, each with its own settings and generator: a seeded request's systems are seeded as
-`smc_sample_many` seeds its prompts (`scheduler.system_seed`), so it reproduces, and equals
-the library's answer, whatever shares the batch, up to the last float bits of a batched
-forward on real backends), cancel the systems of requests whose client went away, whose
-deadline passed or that a shutdown gave up, step the scheduler once (one token for every live
-particle of every request), and answer the requests whose systems are all done. Best-of-N
-and plain / low-temperature / greedy decoding are systems that never resample
-(`server.systems`) and join the same batch; MH and Scalable Power Sampling requests run
-whole, one at a time, between two steps (their moves re-decode suffixes of a kept prefix,
-not one token per step): the batch pauses while they run. On vLLM, whose one engine loop
-steps every request, such a request (and greedy / top-k / top-p decoding, which vLLM's
-processors cannot draw as systems) waits instead until the batch has drained, and what was
-queued after it waits behind it.
-
-Same interface as the windowed `Batcher` (`--batching windowed`), which is kept for
-comparison in `benchmarks/serve_load.py`.
+Each loop: hand every newly submitted request to the scheduler as programs
+(`server.systems`: each with its own settings and generator; a seeded request's programs are
+seeded as `smc_sample_many` seeds its prompts, `scheduler.system_seed`, so it reproduces, and
+equals the library's answer, whatever shares the batch, up to the last float bits of a
+batched forward on real backends), cancel the programs of requests whose client went away,
+whose deadline passed or that a shutdown gave up, step the scheduler once (one token for every
+live row of every request: Power-SMC particles, MH proposals, lookahead rollouts, decoded
+samples), and answer the requests whose programs are all done. No request runs beside the
+batch, so none stalls another.
 """
 
 from __future__ import annotations
@@ -32,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from powersmc.errors import InputError
 from powersmc.methods.scheduler import Handle, Scheduler
-from powersmc.server.batching import RequestQueue, WorkItem, deadline_error
+from powersmc.results import SMCResult
 from powersmc.server.errors import APIError, from_input_error, shutting_down
-from powersmc.server.systems import runs_whole, systems
+from powersmc.server.queue import RequestQueue, WorkItem, deadline_error
+from powersmc.server.systems import programs
 
 if TYPE_CHECKING:
     from powersmc.server.execute import Executor
@@ -46,8 +39,9 @@ log = logging.getLogger("powersmc.server")
 class StepWorker(RequestQueue):
     """Bounded queue + one worker thread stepping a `Scheduler` (see the module docstring).
 
-    max_systems: most particle systems in the batch at once (`--max-batch`); more wait in the
-    scheduler, in arrival order. max_queue: most requests not yet started; more get 429."""
+    max_systems: most requests' units (particle systems, continuation groups) in the batch at
+    once (`--max-batch`); more wait in the scheduler, in arrival order. max_queue: most
+    requests not yet started; more get 429."""
 
     def __init__(self, executor: Callable[[], Executor], *, max_systems: int, max_queue: int,
                  metrics: Metrics | None = None) -> None:
@@ -58,11 +52,11 @@ class StepWorker(RequestQueue):
 
     @property
     def running(self) -> int:
-        """Requests whose systems are in the scheduler (in the batch or waiting for rows)."""
+        """Requests whose programs are in the scheduler (in the batch or waiting for rows)."""
         return len(self._live)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new work; what is waiting or running gets 503 and its systems leave."""
+        """Refuse new work; what is waiting or running gets 503 and its programs leave."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -70,7 +64,7 @@ class StepWorker(RequestQueue):
             self._thread.join(timeout)
 
     def cancel(self, item: WorkItem) -> None:
-        """The answer is no longer wanted: its systems leave the batch at the next step."""
+        """The answer is no longer wanted: its programs leave the batch at the next step."""
         with self._cond:
             item.cancelled = True
             if item in self._pending:
@@ -89,7 +83,7 @@ class StepWorker(RequestQueue):
                     self._cond.wait()
                 if self._closed:
                     break
-                new = self._take()
+                new, self._pending = list(self._pending), deque()
             for item in new:
                 self._admit(item)
             self._drop_abandoned()
@@ -105,23 +99,8 @@ class StepWorker(RequestQueue):
             self._report()
         self._shutdown()
 
-    def _take(self) -> list[WorkItem]:
-        """The queued requests to start now, oldest first. On an engine that cannot share the
-        model between two steps (vLLM), a request that runs whole waits, with everything
-        queued after it, until the batch has drained (FIFO: nothing starves)."""
-        assert self.sched is not None
-        engine = self.sched.engine
-        out: list[WorkItem] = []
-        while self._pending:
-            item = self._pending[0]
-            if not engine.interleaves and runs_whole(item.job, proposals=engine.proposals) and (
-                    out or self._live or not self.sched.idle):
-                break
-            out.append(self._pending.popleft())
-        return out
-
     def _admit(self, item: WorkItem) -> None:
-        """Hand a request to the scheduler (Power-SMC) or run it whole (the other methods)."""
+        """Hand a request's programs to the scheduler."""
         assert self.sched is not None
         if item.cancelled:  # given up between the queue and here
             self.stats["cancelled_waiting"] += 1
@@ -134,11 +113,7 @@ class StepWorker(RequestQueue):
             self.metrics.request_started(time.monotonic() - item.enqueued)
         try:
             ids = executor.encode(job)
-            if runs_whole(job, proposals=self.sched.engine.proposals):
-                outcome: Any = executor.run([job])[0]
-                self._answer(item, outcome)
-                return
-            handles = [self.sched.submit(p, **kw) for p, kw in systems(job, ids)]
+            handles = [self.sched.start(p) for p in programs(job, executor.lm, ids)]
         except APIError as exc:
             self._answer(item, exc)
             return
@@ -176,14 +151,15 @@ class StepWorker(RequestQueue):
                              else err)
                 continue
             results = [h.result() for h in handles]
-            out = self.executor().smc_result(item.job, ids, results, len(self._live) + 1,
+            out = self.executor().job_result(item.job, ids, results, len(self._live) + 1,
                                              len(self.sched.live) + len(results))
             waited = handover - item.enqueued
             out.info["queue_seconds"] = waited + max(r.cost.queue_seconds for r in results)
             if self.metrics is not None:
                 self.metrics.add(generated_tokens=sum(c.completion_tokens for c in out.choices),
                                  token_evals=sum(r.cost.token_evals for r in results),
-                                 resamplings=sum(len(r.resample_steps) for r in results))
+                                 resamplings=sum(len(r.resample_steps) for r in results
+                                                 if isinstance(r, SMCResult)))
             self._answer(item, out)
 
     def _answer(self, item: WorkItem, outcome: Any) -> None:

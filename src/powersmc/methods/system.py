@@ -1,0 +1,321 @@
+"""Algorithm 1 for one particle system, written once: weights, ESS, resampling, alpha-bridge,
+evidence and diagnostics. The `Scheduler` runs any number of systems (and programs' rows) in
+one batch; a system's rows are contiguous in it.
+
+Each step is two halves, so that one host transfer serves every system of the batch:
+`weigh` (on the device: eq. 8 weights, eq. 6 ESS, the would-be ancestors) returns a `Decision`
+of device tensors; the scheduler copies every live unit's decision to the host at once, and
+`settle` applies it (Algorithm 1, lines 17-20). Whatever shares the batch, a finished system's
+answer is properly weighted for pi_alpha(y|x) proportional to p(y|x)^alpha and its exp(log_z)
+is unbiased for the normaliser (App. B bridge for ramps and schedules).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.profiler import record_function
+
+from powersmc.backends.particles import Draw, DrawSpec, ParticleEngine
+from powersmc.backends.protocol import LanguageModel, Prompt
+from powersmc.errors import DegenerateWeightsError, InputError
+from powersmc.methods.common import (
+    check_alpha,
+    check_ess_threshold,
+    check_nonnegative_int,
+    check_positive_int,
+    encode_prompt,
+    make_generator,
+)
+from powersmc.methods.program import Continue, Program
+from powersmc.methods.selection import AnswerKey, check_select, finish
+from powersmc.proposals import Proposal, check_truncation
+from powersmc.resampling import get_resampler
+from powersmc.results import Cost, Particle, SMCResult
+from powersmc.schedules import Schedule, make_schedule
+from powersmc.weights import ess, log_mean_weight
+
+ORDERS = ("standard", "adapted")
+
+
+def check_order(order: str) -> str:
+    if order not in ORDERS:
+        raise InputError("order", f"one of {', '.join(ORDERS)}", order)
+    return order
+
+
+def check_resample_align(align: int | str, name: str = "resample_align") -> int | str:
+    if align == "block" or (isinstance(align, int) and not isinstance(align, bool)
+                            and align >= 1):
+        return align
+    raise InputError(name, "a positive integer or 'block' (the engine's KV block)", align)
+
+
+@dataclass
+class Options:
+    """One system's validated settings (see `smc_sample_many` for their meaning)."""
+
+    alpha: float
+    n: int
+    kappa: float
+    resample: Any
+    schedule: Schedule
+    T: int
+    adapted: bool
+    align: int | str
+    tau: float | None
+    proposal: Proposal | None
+    top_k: int | None
+    top_p: float | None
+
+    @classmethod
+    def check(cls, *, alpha: float = 4.0, particles: int = 16, ess_threshold: float = 0.5,
+              resampler: str = "systematic", ramp_tokens: int = 0,
+              alpha_schedule: Schedule | Sequence[float] | None = None,
+              max_new_tokens: int = 512, tau: float | None = None,
+              proposal: Proposal | None = None, top_k: int | None = None,
+              top_p: float | None = None, order: str = "standard",
+              resample_align: int | str = 1) -> Options:
+        alpha = check_alpha(alpha)
+        check_nonnegative_int("ramp_tokens", ramp_tokens)
+        adapted = check_order(order) == "adapted"
+        if adapted and (tau is not None or proposal is not None):
+            raise InputError("order", "'standard' when tau or proposal is set (the adapted order "
+                             "needs the default proposal, whose weight depends on the prefix "
+                             "only)", order)
+        check_truncation(top_k, top_p)
+        return cls(alpha=alpha, n=check_positive_int("particles", particles),
+                   kappa=check_ess_threshold(ess_threshold), resample=get_resampler(resampler),
+                   schedule=make_schedule(alpha, ramp_tokens, alpha_schedule),
+                   T=check_positive_int("max_new_tokens", max_new_tokens), adapted=adapted,
+                   align=check_resample_align(resample_align), tau=tau, proposal=proposal,
+                   top_k=top_k, top_p=top_p)
+
+
+@dataclass(frozen=True, eq=False)
+class Particles:
+    """A program's request for one Power-SMC system of `options` on `ids`, drawn from
+    `generator` (answered with its `SMCResult`)."""
+
+    ids: Sequence[int]
+    options: Options
+    generator: torch.Generator
+    seed: int
+
+
+Request = Continue | Particles
+
+
+@dataclass
+class Decision:
+    """Step t's decision for one system, on the device until the scheduler's one transfer:
+    whether it resamples, the log-sum of its weights, every particle's ancestor, and which
+    particles have finished."""
+
+    fire: torch.Tensor  # bool [1]
+    total: torch.Tensor  # float64 [1]
+    ancestors: torch.Tensor  # int64 [N]
+    finished: torch.Tensor  # bool [N]
+
+
+class System:
+    """Algorithm 1 for one system of N particles (see the module docstring)."""
+
+    def __init__(self, req: Particles, dev: torch.device, eos: torch.Tensor) -> None:
+        self.ids, self.o, self.gen, self.seed, self.eos = (
+            list(req.ids), req.options, req.generator, req.seed, eos)
+        n, T = self.o.n, self.o.T
+        f64: dict[str, Any] = dict(dtype=torch.float64, device=dev)
+        self.tokens = torch.zeros((n, T), dtype=torch.long, device=dev)
+        self.log_w = torch.zeros((1, n), **f64)
+        self.log_p_seq = torch.zeros(n, **f64)  # log p(y_{1:t}) per particle, for the bridge
+        self.lengths = torch.zeros(n, dtype=torch.long, device=dev)
+        self.finished = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.ess_hist: list[torch.Tensor] = []
+        self.logzt_hist: list[torch.Tensor] = []
+        self.log_z = torch.zeros(1, **f64)
+        self.identity = torch.arange(n, device=dev)
+        self.alive = np.arange(n)  # particle id of each of this system's rows
+        self.alive_dev = torch.from_numpy(self.alive).to(dev)
+        self.t, self.alpha_prev = 0, 1.0
+        self.cost = Cost(forward_passes=1, prefill_tokens=len(self.ids))
+        self.resample_steps: list[int] = []
+        self.started = 0.0
+        self.run: Any = None  # the program it belongs to (set by the scheduler)
+        self.align = 1
+
+    # --- what the scheduler needs of every unit -------------------------------------------
+
+    @property
+    def n(self) -> int:
+        return self.o.n
+
+    @property
+    def rows(self) -> int:
+        return int(self.alive.size)
+
+    @property
+    def budget(self) -> int:
+        return self.o.n * self.o.T
+
+    def spec(self, fork_block: int) -> DrawSpec:
+        o = self.o
+        self.align = fork_block if o.align == "block" else int(o.align)
+        return DrawSpec(self.gen, tau=o.tau, proposal=o.proposal, top_k=o.top_k, top_p=o.top_p,
+                        redraws=o.adapted)
+
+    def next_alpha(self) -> float:
+        return float(self.o.schedule(self.t + 1))
+
+    # --- one step -------------------------------------------------------------------------
+
+    def weigh(self, draw: Draw, alpha_t: float, engine: ParticleEngine, row0: int) -> Decision:
+        """Step t's weights (eq. 8), ESS (eq. 6) and resampling decision, on the device."""
+        self.t = t = self.t + 1
+        o, flat_w = self.o, self.log_w.view(-1)
+        if alpha_t != self.alpha_prev:  # exact bridge p^{a_prev} -> p^{a_t} (Sec. 5.3, App. B)
+            flat_w += (alpha_t - self.alpha_prev) * self.log_p_seq
+            self.alpha_prev = alpha_t
+        flat_w.index_add_(0, self.alive_dev, draw.incr)  # eq. 8
+        self.log_p_seq.index_add_(0, self.alive_dev, draw.logp)
+        self.tokens[self.alive_dev, t - 1] = draw.tokens
+        self.lengths[self.alive_dev] = t
+        self.finished[self.alive_dev] = torch.isin(draw.tokens, self.eos)
+        self.logzt_hist.append(draw.log_z.mean())  # eq. 13, mean over live particles
+        ess_t = ess(self.log_w)
+        self.ess_hist.append(ess_t[0])
+        fire = ess_t < o.kappa * o.n
+        if self.align > 1:  # only where a copy is cheap: length = prompt + t = 1 mod align
+            fire &= (len(self.ids) + t - 1) % self.align == 0
+        total = torch.logsumexp(self.log_w, -1)
+        drawn = o.resample(torch.exp(self.log_w - total[:, None]), self.gen)
+        drawn, self.post_w = drawn if isinstance(drawn, tuple) else (drawn, None)  # chopthin
+        self.ancestors = torch.where(fire[:, None], drawn, self.identity).view(-1)
+        return Decision(fire, total, self.ancestors, self.finished.clone())
+
+    def settle(self, d: Decision, engine: ParticleEngine, draw: Draw,
+               row0: int) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Apply step t's decision (host copies of its tensors; Algorithm 1, lines 17-20).
+        Returns the batch rows (global, before the step's reorder) that the surviving
+        particles continue, and their newest tokens when the adapted order redrew some."""
+        o, n = self.o, self.o.n
+        if not np.isfinite(d.total.item()):
+            raise DegenerateWeightsError("every particle has weight zero: q misses the target")
+        source = d.ancestors.numpy()
+        fin = d.finished.numpy()[source]
+        fired = bool(d.fire.item())
+        if fired:
+            with record_function("powersmc.resample"):
+                self.log_z += log_mean_weight(self.log_w)
+                a = self.ancestors
+                self.tokens, self.log_p_seq = self.tokens[a], self.log_p_seq[a]
+                self.lengths, self.finished = self.lengths[a], self.finished[a]
+                if self.post_w is None:  # equally weighted after resampling (line 20)
+                    self.log_w.zero_()
+                else:  # chopthin: its weights, on the scale of the mean reset into log_z
+                    self.log_w.copy_(self.post_w)
+                self.resample_steps.append(self.t)
+        row_of = np.full(n, -1)
+        row_of[self.alive] = np.arange(self.alive.size)
+        last = None
+        if o.adapted and fired:
+            with record_function("powersmc.redraw"):
+                fin, last = self._redraw(engine, draw, source, row_of, fin, row0)
+        new_alive = np.flatnonzero(~fin)
+        if new_alive.size == 0 or self.t == o.T:
+            return np.zeros(0, dtype=np.int64), None
+        index = row_of[source[new_alive]] + row0
+        self.alive = new_alive
+        self.alive_dev = torch.from_numpy(new_alive).to(self.tokens.device)
+        self.cost.add_step(int(new_alive.size))
+        return index, None if last is None else last[self.alive_dev]
+
+    def _redraw(self, engine: ParticleEngine, draw: Draw, source: np.ndarray,
+                row_of: np.ndarray, fin: np.ndarray,
+                row0: int) -> tuple[np.ndarray, torch.Tensor]:
+        """The fully adapted order's draw, after a resampling at step t (`order='adapted'`).
+
+        The weight of step t is log Z_t(y_{<t}), a function of the prefix only, so selecting
+        ancestors by it and then drawing y_t ~ q(. | y_{<t}) for every child is a valid SMC step
+        for the same targets p(y_{1:t})^alpha_t: each (prefix, weight) pair is unchanged and y_t
+        is drawn from the proposal given its prefix. The first copy of an ancestor keeps the
+        token the ancestor drew (a draw from q independent of the selection, which never looked
+        at it); every further copy draws afresh. Particles copied from one that had already
+        finished stay finished. Updates tokens, log p and finished in place; returns the
+        finished flags on the host and every particle's token at t."""
+        t = self.t
+        src = row_of[source]  # this system's row of each particle's ancestor; -1: finished
+        cand = np.flatnonzero(src >= 0)
+        _, first = np.unique(src[cand], return_index=True)
+        repeat = np.ones(cand.size, dtype=bool)
+        repeat[first] = False
+        again = cand[repeat]
+        if again.size:
+            dev = self.tokens.device
+            again_dev, rows = (torch.from_numpy(a).to(dev) for a in (again, src[again]))
+            fresh = engine.redraw(rows + row0)
+            self.log_p_seq[again_dev] += fresh.logp - draw.logp[row0 + rows]
+            self.tokens[again_dev, t - 1] = fresh.tokens
+            done = torch.isin(fresh.tokens, self.eos)
+            self.finished[again_dev] = done
+            fin = fin.copy()
+            fin[again] = done.cpu().numpy()
+        return fin, self.tokens[:, t - 1]
+
+    def outcome(self, model: LanguageModel) -> SMCResult:
+        """The end of Algorithm 1 (lines 21-23): final bridge, evidence, one particle drawn."""
+        o = self.o
+        if self.alpha_prev != o.alpha:  # the ramp had not finished: bridge the rest of the way
+            self.log_w.view(-1).add_((o.alpha - self.alpha_prev) * self.log_p_seq)
+        self.log_z += log_mean_weight(self.log_w)
+        total = torch.logsumexp(self.log_w, -1, keepdim=True)
+        chosen = int(torch.multinomial(torch.exp(self.log_w - total), 1, generator=self.gen))
+        lens, fins, lw = self.lengths.tolist(), self.finished.tolist(), self.log_w[0].tolist()
+        rows = self.tokens.tolist()
+        parts = [Particle(rows[i][: lens[i]], model.decode(rows[i][: lens[i]]), lw[i], fins[i])
+                 for i in range(o.n)]
+        best = parts[chosen]
+        self.cost.seconds = time.perf_counter() - self.started
+        return SMCResult(
+            method="smc", text=best.text, token_ids=best.token_ids, seed=self.seed,
+            cost=self.cost, finished=best.finished, particles=parts,
+            ess=torch.stack(self.ess_hist).tolist() if self.ess_hist else [],
+            resample_steps=self.resample_steps, log_z=float(self.log_z),
+            log_z_t=torch.stack(self.logzt_hist).tolist() if self.logzt_hist else [],
+            alpha=o.alpha, num_particles=o.n,
+            stats={"chosen_particle": chosen, "num_resamples": len(self.resample_steps),
+                   "resample_align": self.align})
+
+
+def smc_program(model: LanguageModel, prompt: Prompt, *, seed: int | None = None,
+                rounds: int = 1, select: str = "sample", key: AnswerKey | None = None,
+                **options: Any) -> Program:
+    """Power-SMC as a program: `rounds` independent systems on `prompt`, combined by their
+    evidence and selected (`methods.selection.finish`). Round r > 0 is seeded
+    `system_seed(seed, r + 1)`; one round draws from the request's own generator, so
+    `smc_sample` keeps its seed's stream. Bad options raise `InputError` before the first
+    yield (the scheduler starts a program at once)."""
+    opts = Options.check(**options)
+    check_positive_int("rounds", rounds)
+    check_select(select)
+    ids = encode_prompt(model, prompt, opts.T)
+    gen, seed = make_generator(seed, model.device)
+    reqs: list[Request] = []
+    for r in range(rounds):
+        g, s = (gen, seed) if rounds == 1 else make_generator(system_seed(seed, r + 1),
+                                                             model.device)
+        reqs.append(Particles(ids, opts, g, s))
+    results = yield reqs
+    return finish(results, rounds, select, key, gen)[0]
+
+
+def system_seed(seed: int, k: int) -> int:
+    """The seed of the k-th system of a call seeded with `seed`: `seed` itself for k = 0 (so
+    `smc_sample` keeps its seed's stream), independent streams for the others."""
+    return seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(
+        2, dtype=np.uint32).view(np.uint64)[0] >> 1)
