@@ -9,8 +9,8 @@
 # then, with the device tool: carry [".whl", "runs/smollm2-random"], command
 #   bash benchmarks/gpu_serve_load.sh [serve_load.py flags]      (default: 8 and 32 clients)
 # Both servers step eagerly (COMPILE=off, the default here): a continuous batch turns eager at
-# its first admission anyway, and compiling a 30-layer model for each new batch shape of the
-# windowed server would spend the run's minutes on compilation. COMPILE=auto measures with it.
+# its first admission anyway, and compiling a 30-layer model for each new batch shape would
+# spend the run's minutes on compilation. COMPILE=auto measures with it.
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl

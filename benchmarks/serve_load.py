@@ -1,5 +1,5 @@
 """Load test of `powersmc serve` on a mixed Power-SMC workload: the scheduler's continuous
-batching against the windowed batcher and against the same requests run offline through one
+batching against one request at a time and against the same requests run offline through one
 `Scheduler`, side by side, on localhost only.
 
 Usage: python benchmarks/serve_load.py [--clients 1,8,32] [--requests 48] [--rate 0.5]
@@ -8,10 +8,10 @@ Usage: python benchmarks/serve_load.py [--clients 1,8,32] [--requests 48] [--rat
 
 The workload (fixed by `--seed`): chat requests with N in {4, 8, 16} particles, max_tokens in
 {16, 32, 64, 128}, alpha in {2, 4}, a third of them seeded; every server and the offline run
-get the same list. Two servers on the same model and flags (`--threads`, `--max-batch B`) run
-at once on free ports, one `--batching continuous` (the default), one `--batching windowed`
-(the earlier batcher: only unseeded requests with equal settings arriving within
-`--batch-wait-ms` share a batch). For each C in `--clients`, C client threads send the list
+get the same list. Two servers on the same model and flags (`--threads`) run at once on free
+ports: `continuous` with `--max-batch B`, and `serial` with `--max-batch 1` (one request's
+system in the batch at a time: the requests run one after another, as a server without
+batching would). For each C in `--clients`, C client threads send the list
 (closed loop); then an open loop sends it at Poisson arrivals of `--rate` requests/s (the same
 arrival times for both). Offline: the same requests submitted at once to one in-process
 `Scheduler(max_systems=B)` on the same model, after the servers stopped (the ceiling a server
@@ -224,11 +224,12 @@ def main() -> None:
         arrivals.append(arrivals[-1] + rng.expovariate(args.rate or 1.0))
     flags = ["--threads", str(args.threads), "--max-batch", str(args.max_batch),
              "--max-particles", "64", "--max-tokens-limit", "2048", *extra]
-    names = ("continuous", "windowed")
+    names = ("continuous", "serial")
     ports = {n: free_port() for n in names}
     logs = Path(tempfile.mkdtemp(prefix="serve_load-"))
     log = {n: logs / f"serve-{n}.log" for n in names}
-    procs = {n: launch(ports[n], [*flags, "--batching", n], log[n]) for n in names}
+    procs = {n: launch(ports[n], [*flags, *(["--max-batch", "1"] if n == "serial" else [])],
+                       log[n]) for n in names}
     started = time.monotonic()
     results: dict[str, dict[str, list[dict]]] = {}
     kinds = [str(c) for c in levels] + (["open"] if args.rate else [])
@@ -284,11 +285,11 @@ def report(results: dict[str, dict[str, list[dict]]], off: list[dict],
                   f"{agg['queue_p95_s']:.2f} | {agg['p50_s']:.2f} | {agg['p95_s']:.2f} | "
                   f"{agg['errors']} | {agg['mean_tokens']:.1f} |")
         if len(row) == 2:
-            c, w = row["continuous"], row["windowed"]
+            c, w = row["continuous"], row["serial"]
             row["throughput_gain"] = c["answers_per_s"] / w["answers_per_s"]
             row["p95_ratio"] = c["p95_s"] / w["p95_s"]
             row["of_offline"] = c["answers_per_s"] / offline_rate
-            print(f"| {kind} | continuous / windowed: {row['throughput_gain']:.2f}x "
+            print(f"| {kind} | continuous / serial: {row['throughput_gain']:.2f}x "
                   f"throughput, p95 x{row['p95_ratio']:.2f}; continuous / offline: "
                   f"{row['of_offline']:.2f} | | | | | | | |")
         levels[kind] = row | {"runs": by}
