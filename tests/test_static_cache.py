@@ -241,7 +241,7 @@ def test_admit_appends_rows_to_a_running_state(kind, longer):
     lm = tiny_lm(kind, "static")
     state, out, seqs = _teacher_forced(lm, PROMPTS, 1, 3, [1, 0, 0], budget=3 * 8)
     new = [[20 + i for i in range(12 if longer else 3)]]
-    logp = lm.admit(state, new, 2, budget=2 * 8)
+    logp = lm.extend(state, new, 2, budget=2 * 8)
     assert torch.allclose(logp, from_scratch(lm.model, new * 2), atol=TOL64, rtol=0)
     seqs += [list(new[0]) for _ in range(2)]
     for s in range(2):
@@ -270,7 +270,7 @@ def test_admit_in_place_or_dropping_the_slots_no_running_row_uses(kind, gone):
     prompts = [list(range(5, 5 + gone)), [31, 32]]
     state, _, seqs = _teacher_forced(lm, prompts, 1, 3, [0, 1], budget=2 * 8)
     new = [[20, 21, 22]]
-    lm.admit(state, new, 2, budget=2 * 8)
+    lm.extend(state, new, 2, budget=2 * 8)
     seqs += [list(new[0]) for _ in range(2)]
     tok = torch.arange(4) + 40
     seqs = [q + [t] for q, t in zip(seqs, tok.tolist(), strict=True)]
@@ -279,7 +279,7 @@ def test_admit_in_place_or_dropping_the_slots_no_running_row_uses(kind, gone):
     seqs = seqs[1:]
     length, buffers, longest = state.length, state.cache, max(len(q) for q in seqs)
     more = [[25, 26]]
-    logp = lm.admit(state, more, 1, budget=8)
+    logp = lm.extend(state, more, 1, budget=8)
     if gone == 6:
         assert state.cache is buffers and state.length == length > longest
     else:

@@ -53,55 +53,24 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """The shared settings, then every method option (`methods.options.OPTIONS`)."""
+    from powersmc.methods.options import OPTIONS
+
     g = p.add_argument_group("sampling")
     g.add_argument("--alpha", type=float, default=4.0, help="power exponent (>= 1)")
-    g.add_argument("--particles", type=int, default=16, help="SMC particles N")
-    g.add_argument("--ess-threshold", type=float, default=0.5, help="resample when ESS < k*N")
-    g.add_argument("--resampler", default="systematic",
-                   help="systematic, multinomial, stratified, residual or chopthin")
-    g.add_argument("--ramp-tokens", type=int, default=0, help="linear alpha-ramp length (0: off)")
-    g.add_argument("--order", default="standard",
-                   help="SMC: standard (Algorithm 1) or adapted (resample before the draw)")
-    g.add_argument("--resample-align", default="1",
-                   help="SMC: resample only where the length is 1 mod B; 'block': the engine's "
-                   "KV block (vLLM: copies without recomputation); 1: at once (Algorithm 1)")
-    g.add_argument("--rounds", type=int, default=1,
-                   help="SMC: independent particle systems, combined by their evidence")
     g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--mh-blocks", type=int, default=16, help="MH: number of blocks K")
-    g.add_argument("--mh-moves", type=int, default=10, help="MH: moves per block M")
-    g.add_argument("--candidates", type=int, default=8, help="Ji et al.: top-K candidates K")
-    g.add_argument("--rollouts", type=int, default=8, help="Ji et al.: rollouts M per candidate")
-    g.add_argument("--horizon", type=int, default=192, help="Ji et al.: rollout length")
-    g.add_argument("--bon-samples", type=int, default=None,
-                   help="best-of-N: samples N (default: --particles)")
-
-
-def _align(value: str) -> int | str:
-    """--resample-align as `smc_sample`'s resample_align (checked there: B >= 1 or 'block')."""
-    from powersmc.methods.smc import check_resample_align
-
-    return check_resample_align(int(value) if value.isdigit() else value, "--resample-align")
+    for o in OPTIONS:
+        g.add_argument(o.cli, type=o.parse or o.kind, default=o.default, help=o.help)
 
 
 def method_options(args: argparse.Namespace) -> dict:
     """Method-specific settings from the CLI, in the samplers' own argument names. Options
-    added later are left out at their defaults, so runs made before them still resume."""
-    opts = {
-        "particles": args.particles, "ess_threshold": args.ess_threshold,
-        "resampler": args.resampler, "ramp_tokens": args.ramp_tokens,
-        "num_blocks": args.mh_blocks, "mh_moves": args.mh_moves, "candidates": args.candidates,
-        "rollouts": args.rollouts, "horizon": args.horizon,
-    }
-    if args.rounds != 1:
-        opts["rounds"] = args.rounds
-    if args.order != "standard":
-        opts["order"] = args.order
-    if args.resample_align != "1":
-        opts["resample_align"] = _align(args.resample_align)
-    if args.bon_samples is not None:
-        opts["bon_samples"] = args.bon_samples
-    return opts
+    added later (not `recorded`) are left out at their defaults, so runs made before them
+    still resume."""
+    from powersmc.methods.options import OPTIONS
+
+    return {o.name: getattr(args, o.dest) for o in OPTIONS
+            if o.recorded or getattr(args, o.dest) != o.default}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,24 +175,14 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def _check_sampling(args: argparse.Namespace) -> None:
-    """Validate cheap arguments before the (slow) model load."""
+    """Validate cheap arguments before the (slow) model load; errors name the flag."""
     from powersmc.methods import common
+    from powersmc.methods.options import OPTIONS, check_all
     from powersmc.methods.registry import check_method
-    from powersmc.methods.smc import ORDERS
-    from powersmc.resampling import get_resampler
 
     common.check_alpha(args.alpha)
-    common.check_positive_int("particles", args.particles)
-    common.check_ess_threshold(args.ess_threshold)
-    common.check_nonnegative_int("ramp_tokens", args.ramp_tokens)
-    common.check_positive_int("rounds", args.rounds)
-    if args.bon_samples is not None:
-        common.check_positive_int("bon_samples", args.bon_samples)
     common.check_positive_int("max_new_tokens", args.max_new_tokens)
-    get_resampler(args.resampler)
-    if args.order not in ORDERS:
-        raise InputError("--order", f"one of {', '.join(ORDERS)}", args.order)
-    _align(args.resample_align)
+    check_all({o.name: getattr(args, o.dest) for o in OPTIONS}, names=lambda o: o.cli)
     check_method(args.method)
 
 

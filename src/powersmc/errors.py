@@ -11,7 +11,7 @@ class InputError(ValueError):
     """A user-supplied argument is invalid; the message names it and what is allowed."""
 
     def __init__(self, argument: str, allowed: str, got: object = None) -> None:
-        self.argument = argument
+        self.argument, self.allowed, self.got = argument, allowed, got
         self._parts = (argument, allowed, got)
         msg = f"{argument}: {allowed}"
         if got is not None:

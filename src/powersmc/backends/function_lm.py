@@ -48,6 +48,8 @@ class FunctionLM:
         self.eos_token_ids = eos
         self.device = torch.device("cpu")
         self.max_context = max_context
+        self.max_rows: int | None = None
+        self.joins_running = True
         self._memo: dict[tuple[int, ...], torch.Tensor] = {}
         self._cache_size = cache_size
 
@@ -103,6 +105,12 @@ class FunctionLM:
         state.prefixes += new
         state.prompt_lens += [len(p) for p in new]
         return self._batch(new)
+
+    def free_cells(self, state: FunctionState) -> int | None:
+        return None
+
+    def cells_in_use(self, state: FunctionState) -> int | None:
+        return None
 
     def step(self, state: FunctionState, tokens: torch.Tensor) -> torch.Tensor:
         state.prefixes = [p + (t,) for p, t in zip(state.prefixes, tokens.tolist(), strict=True)]

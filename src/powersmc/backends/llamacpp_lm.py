@@ -294,7 +294,8 @@ class LlamaCppLM:
         self.eos_token_ids = (tuple(int(i) for i in eos_token_ids) if eos_token_ids is not None
                               else self._default_eos())
         self.n_ctx = n_ctx
-        self.max_rows = MAX_SEQUENCES - 1  # live sequences at once (one id is reserved)
+        self.max_rows: int | None = MAX_SEQUENCES - 1  # live sequences (one id is reserved)
+        self.joins_running = True
         self.name = name or f"{self._meta('general.name') or self.path.stem} (GGUF, llama.cpp)"
         self._ctx: _Context | None = None
         self._batch = _Batch(ll, 512)  # >= MAX_SEQUENCES rows per step; prompt chunk size
@@ -488,15 +489,16 @@ class LlamaCppLM:
         new.seqs.ids = new.seqs.ids[:0]  # now held by `state`
         return logp
 
-    def free_cells(self, state: LlamaState) -> int:
+    def free_cells(self, state: LlamaState) -> int | None:
         """KV cells of the state's context that hold nothing (an upper bound on those in use
         is counted: every written token takes a cell, and only a released sequence's own
         writes free any). Cells of dropped particles interleaved with live ones stay parked
         until the context is idle (see `_Context`), so a long-lived scheduler opens a fresh
         context when this runs low (`backends.particles.LMParticles`)."""
-        return state.seqs.ctx.cells - self.cells_in_use(state)
+        ctx = state.seqs.ctx
+        return ctx.cells - (ctx.written - ctx.freed)
 
-    def cells_in_use(self, state: LlamaState) -> int:
+    def cells_in_use(self, state: LlamaState) -> int | None:
         """Cells of the state's context written and not freed since it was last reset."""
         ctx = state.seqs.ctx
         return ctx.written - ctx.freed

@@ -148,13 +148,12 @@ class LMParticles:
     one vectorised pass (per-row exponents); the others system by system. Every system draws
     from its own generator, consuming exactly what it would alone, so a seeded system's tokens
     depend on the batch only through the model's log-probs (bit-identical on batch-invariant
-    models such as `FunctionLM`). A model joins systems into a running batch if it has
-    `extend(state, prompts, rows, budget=...)` (llama.cpp, toy models, Transformers' static
-    cache) and does not say `joins_running = False`; otherwise systems join only an empty
-    batch.
+    models such as `FunctionLM`). Requests join a running batch (`model.extend`) where the model
+    says `joins_running` (llama.cpp, toy models, Transformers' static cache); otherwise only an
+    empty batch.
 
-    Bounded memory on a fixed-size cache (llama.cpp): a model with `free_cells(state)` is
-    asked whether a joining system's prompt and tokens fit beside what the state holds and
+    Bounded memory on a fixed-size cache (llama.cpp): a model whose `free_cells(state)` counts
+    is asked whether a joining system's prompt and tokens fit beside what the state holds and
     what its live systems may still write; if not, the system opens a new segment (a fresh
     context) and the old one takes no new system: it drains as its systems finish and is
     freed, parked cells and all, when empty. A step then makes one forward per segment (two
@@ -165,9 +164,8 @@ class LMParticles:
         self.model = model
         self.device = model.device
         self.fork_block = 1  # rows are copied with their cache, at any length
-        self.max_rows: int | None = getattr(model, "max_rows", None)
-        self.joins_running = bool(getattr(model, "joins_running",
-                                          callable(getattr(model, "extend", None))))
+        self.max_rows = model.max_rows
+        self.joins_running = model.joins_running
         self.segments: list[_Segment] = []
         self.logp: torch.Tensor | None = None  # next-token log p of the rows, if computed
         self.pending: torch.Tensor | None = None  # tokens drawn but not yet fed to the model
@@ -260,9 +258,8 @@ class LMParticles:
             state, logp = self.model.prefill_many(prompts, rows, budget=2 * size)
             self.segments.append(_Segment(state, 0))
         else:
-            extend = self.model.extend  # type: ignore[attr-defined]  # joins_running
-            logp = extend(self.segments[-1].state, prompts, rows,
-                          budget=sum(b for _, _, _, b in group))
+            logp = self.model.extend(self.segments[-1].state, prompts, rows,
+                                     budget=sum(b for _, _, _, b in group))
         self.segments[-1].systems += len(group)
         for prompt, n, spec, budget in group:
             self.specs.append(spec)
@@ -273,11 +270,9 @@ class LMParticles:
     def _fits(self, need: int) -> bool:
         """Whether the newest segment's cache holds `need` more cells beside what its live
         systems may still write (always, for a model without a fixed-size cache)."""
-        free = getattr(self.model, "free_cells", None)
-        if not callable(free):
-            return True
         seg = self.segments[-1]
-        return free(seg.state) - sum(self.left[len(self.left) - seg.systems:]) >= need
+        free = self.model.free_cells(seg.state)
+        return free is None or free - sum(self.left[len(self.left) - seg.systems:]) >= need
 
     def _segment_rows(self) -> list[int]:
         out, k = [], 0
@@ -291,8 +286,8 @@ class LMParticles:
         return self.logp[lo:hi]
 
     def cells_in_use(self) -> int | None:
-        used = getattr(self.model, "cells_in_use", None)
-        return sum(used(s.state) for s in self.segments) if callable(used) else None
+        used = [self.model.cells_in_use(s.state) for s in self.segments]
+        return sum(u for u in used if u is not None) if None not in used else None
 
     def redraw(self, rows: torch.Tensor) -> Draw:
         assert self.logp is not None and self.alphas is not None

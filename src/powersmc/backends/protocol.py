@@ -1,4 +1,5 @@
-"""The one protocol every sampler is written against: prefill / step / reorder (+ fork).
+"""The model protocol the scheduler's engine (`backends.particles.LMParticles`) is written
+against: prefill / extend / step / reorder, and the capabilities it plans with.
 
 A backend owns model state for a batch of rows that share one prompt (`prefill`) or that hold
 several prompts, `rows` rows each, prompt-major (`prefill_many`). Rows are anonymous:
@@ -29,6 +30,8 @@ class LanguageModel(Protocol):
     eos_token_ids: tuple[int, ...]
     device: torch.device
     max_context: int | None
+    max_rows: int | None  # the most rows a state holds at once (None: no limit)
+    joins_running: bool  # `extend` can add rows to a running state
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Prompt ids: text goes through the tokenizer (and chat template); ids pass through."""
@@ -51,6 +54,20 @@ class LanguageModel(Protocol):
     ) -> tuple[Any, torch.Tensor]:
         """Several prompts in one state: rows p*rows .. p*rows+rows-1 continue prompt p.
         Every row's next-token logprobs equal those of `prefill` on its own prompt."""
+        ...
+
+    def extend(self, state: Any, prompts: Sequence[Sequence[int]], rows: int, *,
+               budget: int | None = None) -> torch.Tensor:
+        """Add `rows` rows per prompt after the state's rows (prompt-major), nothing
+        generated yet; return their next-token logprobs. Only where `joins_running`."""
+        ...
+
+    def free_cells(self, state: Any) -> int | None:
+        """KV cells the state's fixed-size cache can still take (None: it grows as needed)."""
+        ...
+
+    def cells_in_use(self, state: Any) -> int | None:
+        """KV cells the state holds (None: not counted)."""
         ...
 
     def step(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:

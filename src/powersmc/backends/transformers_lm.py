@@ -464,8 +464,8 @@ class TransformersLM:
             state.mask, state.pad = state.mask[index], state.pad[index]
 
     @torch.inference_mode()
-    def admit(self, state: StaticState, prompts: Sequence[Sequence[int]], rows: int, *,
-              budget: int | None = None) -> torch.Tensor:
+    def extend(self, state: StaticState, prompts: Sequence[Sequence[int]], rows: int, *,
+               budget: int | None = None) -> torch.Tensor:
         """Add `rows` rows for each of `prompts` to a running static-cache state, after its
         rows (prompt-major), and return their next-token log-probs [len(prompts) * rows, V].
 
@@ -544,16 +544,19 @@ class TransformersLM:
         state.length = length
         state.prompt_len = max(0, state.prompt_len + shift - drop)
 
-    def extend(self, state: StaticState, prompts: Sequence[Sequence[int]], rows: int, *,
-               budget: int | None = None) -> torch.Tensor:
-        """`admit`, under the name the scheduler's engine calls (`backends.particles`)."""
-        return self.admit(state, prompts, rows, budget=budget)
-
     @property
     def joins_running(self) -> bool:
-        """Systems join a running batch on the static path only (`admit`); on the dynamic
+        """Systems join a running batch on the static path only (`extend`); on the dynamic
         cache they join between batches."""
         return self.cache == "static"
+
+    max_rows = None  # the caches grow with the batch
+
+    def free_cells(self, state: HFState | StaticState) -> int | None:
+        return None
+
+    def cells_in_use(self, state: HFState | StaticState) -> int | None:
+        return None
 
     @torch.inference_mode()
     def fork(self, state: HFState | StaticState, keep: int | None = None) -> HFState | StaticState:

@@ -8,7 +8,6 @@ not take are ignored, so one option set can drive a whole comparison.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ from powersmc.errors import InputError
 from powersmc.methods.bon import bon_program
 from powersmc.methods.decoding import decode_program
 from powersmc.methods.mh import mh_program
+from powersmc.methods.options import taken_by
 from powersmc.methods.program import Program
 from powersmc.methods.scheduler import run_program
 from powersmc.methods.spower import spower_program
@@ -70,16 +70,14 @@ METHODS: dict[str, Callable[..., Program]] = {
 DECODING = ("plain", "lowtemp", "greedy")
 """Methods whose result holds `num_samples` answers (`SampleResult.samples`)."""
 
-# Where each method's keyword arguments are declared, when its entry point only forwards them.
-_SMC_OPTIONS = ("particles", "ess_threshold", "resampler", "ramp_tokens", "alpha_schedule",
-                "tau", "proposal", "top_k", "top_p", "order", "resample_align", "rounds",
-                "select", "key")
-_TARGETS: dict[str, Callable[..., Any]] = {
-    "plain": decode_program, "lowtemp": decode_program, "greedy": decode_program,
-    "mh-faithful": mh_program, "smc-adapted": smc_program}
-_DECODING = ("temperature", "greedy")
-_FIXED = {"plain": ("greedy",), "lowtemp": _DECODING, "greedy": _DECODING,  # by the wrappers
-          "mh-faithful": ("mode",), "smc-adapted": ("order",)}
+_SMC_EXTRA = ("alpha_schedule", "tau", "proposal", "top_k", "top_p", "select", "key")
+_EXTRA: dict[str, tuple[str, ...]] = {
+    "smc": _SMC_EXTRA, "smc-adapted": _SMC_EXTRA, "bon": ("select", "key"), "mh": ("mode",),
+    "mh-faithful": (), "spower": ("jackknife",),
+    "plain": ("temperature", "top_k", "top_p", "num_samples"),
+    "lowtemp": ("num_samples",), "greedy": ("num_samples",)}
+"""Keyword arguments a method takes beyond its declared options (`methods.options`): the
+library's own (callables, selection keys) and the decoding controls."""
 
 
 def check_method(name: str) -> str:
@@ -106,8 +104,5 @@ def run_method(name: str, model: LanguageModel, prompt: Prompt, *, alpha: float,
 
 def _accepted(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options method `name` takes (None means: use the method's default)."""
-    target = _TARGETS.get(name, METHODS[name])
-    accepted = set(_SMC_OPTIONS) if target is smc_program else set(
-        inspect.signature(target).parameters)
-    return {k: v for k, v in options.items()
-            if k in accepted and v is not None and k not in _FIXED.get(name, ())}
+    accepted = {o.name for o in taken_by(name)} | set(_EXTRA[name])
+    return {k: v for k, v in options.items() if k in accepted and v is not None}

@@ -31,9 +31,10 @@ from typing import Any
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import InputError
 from powersmc.methods.common import make_generator
+from powersmc.methods.options import ORDERS, check_order, check_resample_align
 from powersmc.methods.scheduler import Scheduler
 from powersmc.methods.selection import AnswerKey
-from powersmc.methods.system import ORDERS, check_order, check_resample_align, system_seed
+from powersmc.methods.system import system_seed
 from powersmc.proposals import Proposal
 from powersmc.results import SMCResult
 from powersmc.schedules import Schedule

@@ -24,14 +24,8 @@ from torch.profiler import record_function
 from powersmc.backends.particles import Draw, DrawSpec, ParticleEngine
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import DegenerateWeightsError, InputError
-from powersmc.methods.common import (
-    check_alpha,
-    check_ess_threshold,
-    check_nonnegative_int,
-    check_positive_int,
-    encode_prompt,
-    make_generator,
-)
+from powersmc.methods.common import check_alpha, check_positive_int, encode_prompt, make_generator
+from powersmc.methods.options import check_all
 from powersmc.methods.program import Continue, Program
 from powersmc.methods.selection import AnswerKey, check_select, finish
 from powersmc.proposals import Proposal, check_truncation
@@ -39,21 +33,6 @@ from powersmc.resampling import get_resampler
 from powersmc.results import Cost, Particle, SMCResult
 from powersmc.schedules import Schedule, make_schedule
 from powersmc.weights import ess, log_mean_weight
-
-ORDERS = ("standard", "adapted")
-
-
-def check_order(order: str) -> str:
-    if order not in ORDERS:
-        raise InputError("order", f"one of {', '.join(ORDERS)}", order)
-    return order
-
-
-def check_resample_align(align: int | str, name: str = "resample_align") -> int | str:
-    if align == "block" or (isinstance(align, int) and not isinstance(align, bool)
-                            and align >= 1):
-        return align
-    raise InputError(name, "a positive integer or 'block' (the engine's KV block)", align)
 
 
 @dataclass
@@ -82,19 +61,25 @@ class Options:
               top_p: float | None = None, order: str = "standard",
               resample_align: int | str = 1) -> Options:
         alpha = check_alpha(alpha)
-        check_nonnegative_int("ramp_tokens", ramp_tokens)
-        adapted = check_order(order) == "adapted"
+        v = check_all(dict(particles=particles, ess_threshold=ess_threshold,
+                           resampler=resampler, ramp_tokens=ramp_tokens, order=order,
+                           resample_align=resample_align), only=_DECLARED)
+        adapted = v["order"] == "adapted"
         if adapted and (tau is not None or proposal is not None):
             raise InputError("order", "'standard' when tau or proposal is set (the adapted order "
                              "needs the default proposal, whose weight depends on the prefix "
                              "only)", order)
         check_truncation(top_k, top_p)
-        return cls(alpha=alpha, n=check_positive_int("particles", particles),
-                   kappa=check_ess_threshold(ess_threshold), resample=get_resampler(resampler),
-                   schedule=make_schedule(alpha, ramp_tokens, alpha_schedule),
+        return cls(alpha=alpha, n=v["particles"], kappa=v["ess_threshold"],
+                   resample=get_resampler(v["resampler"]),
+                   schedule=make_schedule(alpha, v["ramp_tokens"], alpha_schedule),
                    T=check_positive_int("max_new_tokens", max_new_tokens), adapted=adapted,
-                   align=check_resample_align(resample_align), tau=tau, proposal=proposal,
-                   top_k=top_k, top_p=top_p)
+                   align=v["resample_align"], tau=tau, proposal=proposal, top_k=top_k,
+                   top_p=top_p)
+
+
+_DECLARED = ("particles", "ess_threshold", "resampler", "ramp_tokens", "order", "resample_align")
+"""The options of `Options.check` that `methods.options` declares (and checks)."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,9 +12,17 @@ from typing import Any
 
 from powersmc.errors import InputError
 from powersmc.methods import common
+from powersmc.methods.options import OPTIONS, check_all
 from powersmc.methods.registry import check_method
-from powersmc.methods.smc import check_order
-from powersmc.resampling import get_resampler
+
+SERVED = tuple(o for o in OPTIONS if o.served)
+"""The method options a request may set (`methods.options`)."""
+
+
+def default_settings() -> dict[str, Any]:
+    """The sampling defaults of a server started without flags."""
+    return {"method": "smc", "alpha": 4.0, "max_tokens": 256} | {
+        o.name: o.default for o in SERVED}
 
 
 @dataclass
@@ -22,8 +30,8 @@ class ServerConfig:
     """What `powersmc serve` was started with.
 
     defaults: per-request sampling options used when a request leaves them out, in the
-        samplers' own names (method, alpha, particles, ess_threshold, resampler, ramp_tokens,
-        order, num_blocks, mh_moves, candidates, rollouts, horizon) plus max_tokens.
+        samplers' own names (method, alpha, max_tokens and every served option of
+        `methods.options`).
     max_particles: cap on `particles` (and on candidates x rollouts for spower): one request
         may not ask for an arbitrarily large batch.
     max_tokens_limit: cap on `max_tokens` on top of the model's context check.
@@ -41,11 +49,7 @@ class ServerConfig:
     """
 
     model_name: str = "powersmc"
-    defaults: dict[str, Any] = field(default_factory=lambda: {
-        "method": "smc", "alpha": 4.0, "particles": 16, "ess_threshold": 0.5,
-        "resampler": "systematic", "ramp_tokens": 0, "order": "standard", "max_tokens": 256,
-        "num_blocks": 16, "mh_moves": 10, "candidates": 8, "rollouts": 8, "horizon": 192,
-    })
+    defaults: dict[str, Any] = field(default_factory=default_settings)
     max_particles: int = 64
     max_tokens_limit: int = 2048
     max_choices: int = 64
@@ -61,14 +65,8 @@ class ServerConfig:
         d = self.defaults
         check_method(d["method"])
         common.check_alpha(d["alpha"])
-        common.check_ess_threshold(d["ess_threshold"])
-        get_resampler(d["resampler"])
-        common.check_nonnegative_int("ramp_tokens", d["ramp_tokens"])
-        check_order(d["order"])
-        for name in ("particles", "max_tokens", "num_blocks", "candidates", "rollouts",
-                     "horizon"):
-            common.check_positive_int(name, d[name])
-        common.check_nonnegative_int("mh_moves", d["mh_moves"])
+        common.check_positive_int("max_tokens", d["max_tokens"])
+        check_all(d, only=[o.name for o in SERVED])
         for name in ("max_particles", "max_tokens_limit", "max_choices", "max_batch",
                      "max_queue", "max_body_bytes"):
             common.check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))

@@ -13,9 +13,7 @@ from typing import Any
 from powersmc.errors import InputError
 from powersmc.methods import common
 from powersmc.methods.registry import check_method
-from powersmc.methods.smc import check_order
-from powersmc.resampling import get_resampler
-from powersmc.server.config import ServerConfig
+from powersmc.server.config import SERVED, ServerConfig
 from powersmc.server.errors import APIError, from_input_error
 from powersmc.server.schemas import ChatRequest, CompletionRequest
 
@@ -25,15 +23,6 @@ MAX_MH_MOVES = 100  # MH moves per block: each regenerates a suffix
 # (3.4e38) overflows inside the samplers
 MAX_ALPHA = 1000.0
 MAX_RAMP = 1_000_000  # ramp_tokens: longer than any answer already, and safe as a float
-# Method-specific options: where they apply.
-_OPTIONS = {
-    "smc": ("particles", "ess_threshold", "resampler", "ramp_tokens", "order"),
-    "smc-adapted": ("particles", "ess_threshold", "resampler", "ramp_tokens"),
-    "mh": ("num_blocks", "mh_moves"), "mh-faithful": ("num_blocks", "mh_moves"),
-    "spower": ("candidates", "rollouts", "horizon"),
-    "bon": ("particles",),  # N, the rows drawn per answer
-    "plain": (), "lowtemp": (), "greedy": (),
-}
 _TARGET_CHANGING = ("temperature", "top_p", "top_k")
 
 
@@ -125,22 +114,14 @@ def _sampling_controls(req, method: str) -> dict[str, Any]:
 
 
 def _method_options(req, cfg: ServerConfig, method: str) -> dict[str, Any]:
-    """Every power option, checked (given ones even when the method does not use them),
-    then only those `method` takes."""
+    """Every served option (`methods.options`), checked (given ones even when the method does
+    not use them), then only those `method` takes; then this server's caps."""
     d = cfg.defaults
-    val = {name: d[name] if getattr(req, name) is None else getattr(req, name)
-           for names in _OPTIONS.values() for name in names}
-    _check(common.check_positive_int, "particles", val["particles"])
+    val = {o.name: _check(o.validate, d[o.name] if getattr(req, o.name) is None
+                          else getattr(req, o.name)) for o in SERVED}
     if val["particles"] > cfg.max_particles:
         raise _bad("particles", f"at most {cfg.max_particles} on this server (--max-particles)"
                    f" (got {val['particles']})")
-    _check(common.check_ess_threshold, val["ess_threshold"])
-    _check(get_resampler, val["resampler"])
-    _check(common.check_nonnegative_int, "ramp_tokens", val["ramp_tokens"])
-    _check(check_order, val["order"])
-    for name in ("num_blocks", "candidates", "rollouts", "horizon"):
-        _check(common.check_positive_int, name, val[name])
-    _check(common.check_nonnegative_int, "mh_moves", val["mh_moves"])
     for name, cap in (("num_blocks", cfg.max_tokens_limit), ("horizon", cfg.max_tokens_limit),
                       ("mh_moves", MAX_MH_MOVES), ("ramp_tokens", MAX_RAMP)):
         if val[name] > cap:  # each unit is whole decodes: bound one request's work
@@ -151,7 +132,7 @@ def _method_options(req, cfg: ServerConfig, method: str) -> dict[str, Any]:
             else "rollouts"
         raise _bad(name, f"candidates x rollouts at most {cfg.max_particles} on this "
                    f"server (--max-particles) (got {val['candidates']} x {val['rollouts']})")
-    return {name: val[name] for name in _OPTIONS[method]}
+    return {o.name: val[o.name] for o in SERVED if method in o.methods}
 
 
 def _prompts(req: CompletionRequest) -> list[Any]:

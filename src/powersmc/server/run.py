@@ -10,7 +10,7 @@ import signal
 import sys
 
 from powersmc.errors import InputError
-from powersmc.server.config import ServerConfig
+from powersmc.server.config import SERVED, ServerConfig
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -62,13 +62,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server settings; raises `InputError` naming the flag on bad values."""
     if not 0 <= args.port <= 65535:
         raise InputError("--port", "an integer in [0, 65535]", args.port)
-    defaults = {
-        "method": args.method, "alpha": args.alpha, "particles": args.particles,
-        "ess_threshold": args.ess_threshold, "resampler": args.resampler,
-        "ramp_tokens": args.ramp_tokens, "order": args.order, "max_tokens": args.max_new_tokens,
-        "num_blocks": args.mh_blocks, "mh_moves": args.mh_moves,
-        "candidates": args.candidates, "rollouts": args.rollouts, "horizon": args.horizon,
-    }
+    defaults = {"method": args.method, "alpha": args.alpha,
+                "max_tokens": args.max_new_tokens} | {
+        o.name: getattr(args, o.dest) for o in SERVED}
     return ServerConfig(
         model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
         defaults=defaults, max_particles=args.max_particles,

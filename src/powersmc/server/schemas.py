@@ -8,9 +8,11 @@ power-sampling options are extra body fields (`extra_body=` in the `openai` clie
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, create_model, field_validator
+
+from powersmc.server.config import SERVED
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 MAX_SEED = (1 << 63) - 1  # torch generators take a signed 64-bit seed
@@ -22,23 +24,21 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class PowerOptions(BaseModel):
+class _Power(BaseModel):
     """Power-sampling options; None means the server's default (set on its command line)."""
 
     model_config = _STRICT
     method: str | None = None
     alpha: float | None = None
-    particles: int | None = None
-    ess_threshold: float | None = None
-    resampler: str | None = None
-    ramp_tokens: int | None = None
-    order: str | None = None
-    num_blocks: int | None = None
-    mh_moves: int | None = None
-    candidates: int | None = None
-    rollouts: int | None = None
-    horizon: int | None = None
-    top_k: int | None = None
+    top_k: int | None = None  # plain sampling's (checked in `jobs`)
+
+
+# every served method option of `methods.options`, typed as declared there
+if TYPE_CHECKING:
+    PowerOptions = _Power
+else:
+    PowerOptions = create_model("PowerOptions", __base__=_Power,
+                                **{o.name: (o.kind | None, None) for o in SERVED})
 
 
 class _OpenAIFields(PowerOptions):
