@@ -32,7 +32,7 @@ import torch
 
 from powersmc import FunctionLM, smc_sample_many
 from powersmc.exact import power_distribution, total_variation
-from powersmc.methods.smc import ORDERS
+from powersmc.methods.options import ORDERS
 
 ALPHA = 4.0
 PROMPT = [3]

@@ -34,8 +34,7 @@ import torch
 
 from powersmc.backends.transformers_lm import TransformersLM
 from powersmc.bench import NoEOS, _timed, profile_smc
-from powersmc.methods.decoding import sample
-from powersmc.methods.smc import smc_sample
+from powersmc.runtime.api import sample, smc_sample
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 CACHES = ("static", "dynamic")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from powersmc import load_model
-from powersmc.methods.registry import run_method
+from powersmc.runtime.api import run_method
 
 PROMPT = "What is 15 + 27? Explain briefly."
 

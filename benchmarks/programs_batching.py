@@ -24,7 +24,7 @@ from pathlib import Path
 
 from powersmc import Scheduler, load_model
 from powersmc.methods.registry import method_program
-from powersmc.methods.scheduler import run_program
+from powersmc.runtime.api import run_program
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
 

@@ -12,9 +12,9 @@ from powersmc import InputError, bon_sample, mh_sample, sample, scalable_power_s
 from powersmc.exact import power_distribution, tempered_distribution, total_variation
 from powersmc.methods.mh import mh_program
 from powersmc.methods.program import Continue
-from powersmc.methods.scheduler import run_program, run_programs
 from powersmc.methods.spower import power_conditional
 from powersmc.results import SampleResult
+from powersmc.runtime.api import run_program, run_programs
 
 ALPHA = 4.0
 
@@ -169,8 +169,8 @@ def test_shared_options_never_truncate_smc():
     smc_sample as a truncation (regression: it once did, under the name top_k)."""
     import warnings
 
-    from powersmc.methods.registry import run_method
     from powersmc.proposals import TruncatedTargetWarning
+    from powersmc.runtime.api import run_method
 
     opts = {"particles": 4, "candidates": 2, "rollouts": 2, "horizon": 2, "num_blocks": 2,
             "mh_moves": 1}
@@ -183,7 +183,8 @@ def test_shared_options_never_truncate_smc():
 def test_shared_options_reach_each_method():
     """The options a method declares do reach it, also through forwarding entry points."""
     from powersmc import Scheduler
-    from powersmc.methods.registry import method_program, run_method
+    from powersmc.methods.registry import method_program
+    from powersmc.runtime.api import run_method
 
     opts = {"particles": 3, "num_blocks": 2, "candidates": 2, "rollouts": 2, "horizon": 2}
     r = run_method("smc", random_lm(), PROMPT, alpha=ALPHA, max_new_tokens=3, seed=0, **opts)
@@ -210,7 +211,7 @@ def test_smc_adapted_method_is_smc_in_the_adapted_order():
     """'smc-adapted' is Power-SMC with order='adapted' and the shared options (an evaluation
     runs both orders side by side): same seed, same particles; an `order` option cannot
     turn it back to the standard order (seed 0 resamples, and there the orders differ)."""
-    from powersmc.methods.registry import run_method
+    from powersmc.runtime.api import run_method
 
     opts = {"particles": 6, "num_blocks": 2, "order": "standard"}
     r = run_method("smc-adapted", trap_lm(), PROMPT, alpha=ALPHA, max_new_tokens=HORIZON,

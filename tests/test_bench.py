@@ -5,7 +5,7 @@ import json
 from toy_models import PROMPT, trap_lm
 
 from powersmc.bench import NoEOS, run_bench
-from powersmc.methods.decoding import sample
+from powersmc.runtime.api import sample
 
 
 def test_noeos_forces_length():

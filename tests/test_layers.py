@@ -1,5 +1,6 @@
 """The package's dependencies point one way: no import cycles, and no upward imports between
-its layers (backends below methods, methods below eval / server / the CLI)."""
+its layers (backends below methods, methods below the runtime that runs them, the runtime
+below eval / server / the CLI)."""
 
 import ast
 from pathlib import Path
@@ -8,9 +9,11 @@ ROOT = Path(__file__).parent.parent / "src" / "powersmc"
 
 # package prefix -> the prefixes its modules must not reach, directly or through others
 FORBIDDEN = {
-    "powersmc.backends": ("powersmc.methods", "powersmc.eval", "powersmc.server",
-                          "powersmc.cli", "powersmc.bench"),
-    "powersmc.methods": ("powersmc.eval", "powersmc.server", "powersmc.cli", "powersmc.bench"),
+    "powersmc.backends": ("powersmc.methods", "powersmc.runtime", "powersmc.eval",
+                          "powersmc.server", "powersmc.cli", "powersmc.bench"),
+    "powersmc.methods": ("powersmc.runtime", "powersmc.eval", "powersmc.server", "powersmc.cli",
+                         "powersmc.bench"),
+    "powersmc.runtime": ("powersmc.eval", "powersmc.server", "powersmc.cli", "powersmc.bench"),
 }
 
 
@@ -93,14 +96,15 @@ def test_package_imports_have_no_cycle():
 
 
 def test_layers_import_only_downward():
-    """backends/ reaches nothing of methods/, eval/, server/, bench/ or the CLI; methods/
-    nothing of eval/, server/, bench/ or the CLI (even lazily, even through other modules)."""
+    """backends/ reaches nothing above it; methods/ nothing of runtime/, eval/, server/,
+    bench/ or the CLI; runtime/ nothing of eval/, server/, bench/ or the CLI (even lazily,
+    even through other modules)."""
     graph = import_graph()
     assert upward_imports(graph) == []
     # the graph sees what it must: a lazy import, an import through a package, the facade
     assert "powersmc.backends.vllm_particles" in graph["powersmc.backends.vllm_lm"]
     assert "powersmc.backends.vllm_processor" in graph["powersmc.backends.vllm_particles"]
-    assert "powersmc.methods.smc" in graph["powersmc"]
+    assert "powersmc.runtime.api" in graph["powersmc"]
 
 
 def test_layer_check_catches_an_upward_import():
@@ -110,11 +114,14 @@ def test_layer_check_catches_an_upward_import():
     graph["powersmc.proposals"] = graph["powersmc.proposals"] | {"powersmc"}
     found = upward_imports(graph)
     assert ("powersmc.backends.protocol -> powersmc.proposals -> powersmc -> "
-            "powersmc.methods.bon") in found
+            "powersmc.runtime.api -> powersmc.methods.bon") in found
     graph = import_graph()
     graph["powersmc.methods.common"] = graph["powersmc.methods.common"] | {"powersmc.cli"}
     assert any(line.startswith("powersmc.methods.common -> powersmc.cli")
                for line in upward_imports(graph))
+    graph = import_graph()  # a method reaching the runtime that runs it
+    graph["powersmc.methods.mh"] = graph["powersmc.methods.mh"] | {"powersmc.runtime.api"}
+    assert "powersmc.methods.mh -> powersmc.runtime.api" in upward_imports(graph)
 
 
 def test_the_single_process_server_does_not_import_ray():

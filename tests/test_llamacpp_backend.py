@@ -21,8 +21,8 @@ from backend_checks import grow, sample_steps
 
 from powersmc import InputError, load_model, smc_sample, smc_sample_many
 from powersmc.backends.llamacpp_lm import LlamaCppLM
-from powersmc.methods.registry import run_method
 from powersmc.models import choose_backend, default_gguf_path
+from powersmc.runtime.api import run_method
 
 pytestmark = pytest.mark.model
 ATOL = 5e-2
@@ -342,7 +342,7 @@ def test_long_lived_scheduler_holds_bounded_cells_and_exact_rows():
     systems are done. At no point are more than two contexts alive, and every sampled row's
     next-token log-probs equal a from-scratch evaluation (ATOL: the module docstring)."""
     from powersmc import Scheduler
-    from powersmc.backends.llamacpp_lm import _Context
+    from powersmc.backends.llamacpp_context import Context
 
     lm = LlamaCppLM(default_gguf_path(), n_ctx=1024, threads=2)
     ref = LlamaCppLM(default_gguf_path(), n_ctx=1024, threads=2)
@@ -375,7 +375,7 @@ def test_long_lived_scheduler_holds_bounded_cells_and_exact_rows():
         assert len({id(seg.state.seqs.ctx) for seg in engine.segments}) <= 2
         if sched.steps % 500 == 0:  # nothing else holds a context: at most 2 + ref's
             gc.collect()
-            assert sum(isinstance(o, _Context) for o in gc.get_objects()) <= 3
+            assert sum(isinstance(o, Context) for o in gc.get_objects()) <= 3
     assert all(h.done and h.error is None for h in handles)
     assert most[0] == 2 and checked[0] >= 20 and worst[0] < ATOL, (most, checked, worst)
     assert engine.segments == [] and lm._ctx is not None

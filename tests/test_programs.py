@@ -16,7 +16,7 @@ from powersmc import InputError, Scheduler
 from powersmc.exact import power_distribution, tempered_distribution
 from powersmc.methods.program import Continue
 from powersmc.methods.registry import METHODS, method_program
-from powersmc.methods.scheduler import run_program, run_programs
+from powersmc.runtime.api import run_program, run_programs
 
 OPTS = {"particles": 4, "num_blocks": 2, "mh_moves": 3, "candidates": 3, "rollouts": 2,
         "horizon": 2, "num_samples": 3}

@@ -16,7 +16,7 @@ from toy_models import HORIZON, PROMPT, random_lm, trap_lm
 
 from powersmc import InputError, Scheduler, smc_sample
 from powersmc.exact import power_distribution, total_variation
-from powersmc.methods.scheduler import Cancelled
+from powersmc.runtime.scheduler import Cancelled
 
 # (alpha, particles, kappa, resampler, order, ramp_tokens, max_new_tokens)
 MIXED = [

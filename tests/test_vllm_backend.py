@@ -232,9 +232,9 @@ def test_greedy_and_lowtemp_log_probs_equal_transformers(vllm_lm, hf_lm):
     low-temperature decoding's recorded log p / log q match the full-vocabulary values."""
     from powersmc import sample
     from powersmc.methods.program import Continue
-    from powersmc.methods.scheduler import run_program
     from powersmc.proposals import truncate_logprobs
     from powersmc.results import SampleResult
+    from powersmc.runtime.api import run_program
 
     g = sample(vllm_lm, PROMPT, greedy=True, max_new_tokens=8, seed=0)
     h = sample(hf_lm, PROMPT, greedy=True, max_new_tokens=8, seed=0)

@@ -6,15 +6,18 @@ Power-SMC (Azizi et al.) and the baselines it is compared with, over any causal 
 from powersmc.backends.function_lm import FunctionLM
 from powersmc.backends.protocol import LanguageModel
 from powersmc.errors import DegenerateWeightsError, InputError
-from powersmc.methods.bon import bon_sample
-from powersmc.methods.decoding import sample
-from powersmc.methods.mh import mh_sample
-from powersmc.methods.scheduler import Cancelled, Handle, Scheduler
-from powersmc.methods.smc import smc_sample, smc_sample_many
-from powersmc.methods.spower import scalable_power_sample
 from powersmc.models import load_model
 from powersmc.proposals import TemperatureProposal, TruncatedTargetWarning
 from powersmc.results import ImportanceResult, Particle, SampleResult, SMCResult
+from powersmc.runtime.api import (
+    bon_sample,
+    mh_sample,
+    sample,
+    scalable_power_sample,
+    smc_sample,
+    smc_sample_many,
+)
+from powersmc.runtime.scheduler import Cancelled, Handle, Scheduler
 
 __all__ = [
     "Cancelled",

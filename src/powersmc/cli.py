@@ -187,8 +187,8 @@ def _check_sampling(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace, out: TextIO) -> int:
-    from powersmc.methods.registry import run_method
     from powersmc.methods.selection import check_select
+    from powersmc.runtime.api import run_method
 
     prompt = _read_prompt(args)
     if not prompt.strip():

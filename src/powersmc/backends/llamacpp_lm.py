@@ -21,24 +21,31 @@ discarded proposals free their cells. The context is sized from the prefill's `b
 from __future__ import annotations
 
 import ctypes
-import logging
 import math
 import os
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.profiler import record_function
 
 from powersmc.backends.convert import cache_dir, cache_key
+from powersmc.backends.llamacpp_context import (
+    LOG_TAIL,
+    MAX_SEQUENCES,
+    Batch,
+    Context,
+    LlamaState,
+    Seqs,
+    lib,
+    quiet_logs,
+    release_seqs,
+)
 from powersmc.backends.protocol import END_TOKENS
 from powersmc.errors import InputError
 
-MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 WEIGHTS = ("auto", "file", "f16")
 NO_GEMM_FTYPES = (3, 9)  # LLAMA_FTYPE_MOSTLY_Q4_1, _Q5_1: no batched CPU matmul kernel
 MIN_CELLS = 4096
@@ -48,179 +55,6 @@ MIN_CELLS = 4096
 # context (docs/backends.md): 4 systems 955 -> 242 ms per step, 8 systems 3340 -> 618 ms, one
 # system alone unchanged (about 55 ms); 48-row and 16-row calls cost the same within 7%.
 DECODE_ROWS = 48
-
-
-def _lib():
-    try:
-        import llama_cpp
-    except ImportError as exc:  # pragma: no cover - the package is a core dependency
-        raise InputError("backend", "'transformers': llama-cpp-python is not installed "
-                         "(pip install llama-cpp-python)") from exc
-    return llama_cpp
-
-
-_LOG_TAIL: list[str] = []
-
-
-_LOG = logging.getLogger("powersmc.llama_cpp")
-_LOG_CALLBACK: list[Any] = []  # the installed callback: the C side holds a raw pointer to it
-
-
-def _quiet_logs(ll) -> None:
-    """Route llama.cpp's logging into a short buffer (kept for error messages), not stderr;
-    also to the `powersmc.llama_cpp` logger at debug (`powersmc --log-level debug`)."""
-    if _LOG_CALLBACK:
-        return
-
-    @ll.llama_log_callback
-    def callback(level, text, user_data):
-        line = text.decode("utf-8", "replace")
-        _LOG_TAIL.append(line)
-        del _LOG_TAIL[:-20]
-        if _LOG.isEnabledFor(logging.DEBUG) and line.strip():
-            _LOG.debug(line.rstrip())
-
-    _LOG_CALLBACK.append(callback)
-    ll.llama_log_set(callback, ctypes.c_void_p(0))
-
-
-class _Context:
-    """One llama.cpp context, its pool of free sequence ids, and safe cell release.
-
-    llama.cpp (0.3.36, CPU) computes wrong attention for a sequence whose new token is placed
-    in a freed cell below one of that sequence's existing cells (measured: log-prob errors
-    of 0.5 and more; tests/test_llamacpp_backend.py). New tokens always go to the lowest free
-    cell, so a freed cell is safe only when it was written after the last write of every
-    sequence still alive. `release` frees a sequence's cells when that holds (MH's rejected
-    proposals, Scalable Power Sampling's rollouts: they are the newest cells) and otherwise
-    parks them under a reserved sequence id (SMC's dropped particles, whose cells interleave
-    with the survivors'), which keeps them occupied; parked cells return when the context is
-    reused by the next run. A write clock per sequence decides which case applies.
-    """
-
-    PARK = MAX_SEQUENCES - 1
-
-    def __init__(self, ll, model, cells: int, threads: int, max_batch: int) -> None:
-        p = ll.llama_context_default_params()
-        p.n_ctx = cells
-        p.n_batch = max_batch
-        p.n_ubatch = min(max_batch, 512)
-        p.n_seq_max = MAX_SEQUENCES
-        p.n_threads = p.n_threads_batch = threads
-        p.kv_unified = True  # cells shared between sequences: what resampling needs
-        p.no_perf = True
-        self.ll, self.cells = ll, cells
-        self.ctx = ll.llama_init_from_model(model, p)
-        if not self.ctx:
-            raise RuntimeError(f"llama.cpp could not create a context of {cells} cells: "
-                               + "".join(_LOG_TAIL[-3:]).strip())
-        self.mem = ll.llama_get_memory(self.ctx)
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget every sequence and cell (the context is idle)."""
-        self.ll.llama_memory_clear(self.mem, True)
-        self.free = list(range(self.PARK - 1, -1, -1))
-        self.live = 0
-        self.clock = 0
-        self.first = np.full(MAX_SEQUENCES, np.inf)  # clock of a sequence's first own write
-        self.own = np.zeros(MAX_SEQUENCES, dtype=np.int64)  # cells a sequence wrote itself
-        self.written = 0  # cells written since the reset (each written token takes one)
-        self.freed = 0  # of those, cells freed again (a released sequence's own writes)
-        self.last = np.full(MAX_SEQUENCES, -np.inf)  # clock of the last write it holds
-        self.alive = np.zeros(MAX_SEQUENCES, dtype=bool)
-
-    def take(self, k: int) -> np.ndarray:
-        if k > len(self.free):
-            raise InputError("rows", f"at most {self.PARK} live sequences at once on the "
-                             "llama.cpp backend (llama.cpp's limit)", self.live + k)
-        self.live += k
-        ids = np.array([self.free.pop() for _ in range(k)], dtype=np.int32)
-        self.alive[ids], self.first[ids], self.last[ids] = True, np.inf, -np.inf
-        self.own[ids] = 0
-        return ids
-
-    def copy(self, src: int, dst: int, p1: int = -1) -> None:
-        """dst shares src's cells (positions < p1, or all): no tensor is copied."""
-        self.ll.llama_memory_seq_cp(self.mem, src, dst, 0 if p1 >= 0 else -1, p1)
-        self.last[dst] = self.last[src]
-
-    def wrote(self, seqs: np.ndarray, cells: int = 1) -> None:
-        """Record a decode that wrote `cells` new cells for each of `seqs`."""
-        self.clock += 1
-        self.own[seqs] += cells
-        self.written += cells * len(seqs)
-        self.first[seqs] = np.minimum(self.first[seqs], self.clock)
-        self.last[seqs] = self.clock
-
-    def release(self, seqs: Sequence[int]) -> None:
-        if not len(seqs):
-            return
-        ids = np.asarray(seqs, dtype=np.int64)
-        self.alive[ids] = False
-        newest = self.last[self.alive].max(initial=-np.inf)
-        for s in ids.tolist():
-            if not self.first[s] > newest:  # its cells may sit below a survivor's: park them
-                self.ll.llama_memory_seq_cp(self.mem, s, self.PARK, -1, -1)
-            else:
-                self.freed += int(self.own[s])
-            self.ll.llama_memory_seq_rm(self.mem, s, -1, -1)
-            self.free.append(s)
-        self.live -= len(ids)
-
-    def __del__(self) -> None:
-        ctx, self.ctx = getattr(self, "ctx", None), None
-        if ctx and self.ll.llama_free is not None:  # None at interpreter shutdown
-            self.ll.llama_free(ctx)
-
-
-class _Seqs:
-    """The sequence ids a state holds; released to its context when the state is dropped."""
-
-    def __init__(self, ctx: _Context, ids: np.ndarray) -> None:
-        self.ctx, self.ids = ctx, ids
-
-
-def _release(seqs: _Seqs) -> None:
-    seqs.ctx.release(seqs.ids.tolist())
-    seqs.ids = seqs.ids[:0]
-
-
-@dataclass
-class LlamaState:
-    """Rows of a batch: each row's sequence id, next position, and prompt length."""
-
-    seqs: _Seqs
-    pos: np.ndarray
-    prompt_len: np.ndarray
-
-    @property
-    def rows(self) -> int:
-        return int(self.pos.size)
-
-
-class _Batch:
-    """A reusable `llama_batch` whose arrays are numpy-owned, filled without Python loops."""
-
-    def __init__(self, ll, capacity: int) -> None:
-        self.capacity = capacity
-        self.token = np.zeros(capacity, dtype=np.int32)
-        self.pos = np.zeros(capacity, dtype=np.int32)
-        self.n_seq = np.ones(capacity, dtype=np.int32)
-        self.seq = np.zeros(capacity, dtype=np.int32)
-        self.logits = np.zeros(capacity, dtype=np.int8)
-        base = self.seq.ctypes.data
-        self.seq_ptrs = np.arange(capacity, dtype=np.uint64) * 4 + np.uint64(base)
-        c = ctypes
-        self.batch = ll.llama_batch(
-            n_tokens=0,
-            token=self.token.ctypes.data_as(c.POINTER(ll.llama_token)),
-            embd=None,
-            pos=self.pos.ctypes.data_as(c.POINTER(ll.llama_pos)),
-            n_seq_id=self.n_seq.ctypes.data_as(c.POINTER(c.c_int32)),
-            seq_id=self.seq_ptrs.ctypes.data_as(c.POINTER(c.POINTER(ll.llama_seq_id))),
-            logits=self.logits.ctypes.data_as(c.POINTER(c.c_int8)),
-        )
 
 
 class LlamaCppLM:
@@ -258,8 +92,8 @@ class LlamaCppLM:
         name: str | None = None,
         weights: str = "auto",
     ) -> None:
-        ll = self.ll = _lib()
-        _quiet_logs(ll)
+        ll = self.ll = lib()
+        quiet_logs(ll)
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError("model", "an existing .gguf file", str(path))
@@ -297,8 +131,8 @@ class LlamaCppLM:
         self.max_rows: int | None = MAX_SEQUENCES - 1  # live sequences (one id is reserved)
         self.joins_running = True
         self.name = name or f"{self._meta('general.name') or self.path.stem} (GGUF, llama.cpp)"
-        self._ctx: _Context | None = None
-        self._batch = _Batch(ll, 512)  # >= MAX_SEQUENCES rows per step; prompt chunk size
+        self._ctx: Context | None = None
+        self._batch = Batch(ll, 512)  # >= MAX_SEQUENCES rows per step; prompt chunk size
 
     def __del__(self) -> None:
         self._ctx = None
@@ -317,7 +151,7 @@ class LlamaCppLM:
                 f"{path} could not be loaded by llama.cpp (llama-cpp-python "
                 f"{self.ll.__version__}): architecture {arch!r}; supported are the architectures "
                 "of that llama.cpp release (llama, qwen2, mistral, gemma, phi3, ...). "
-                + "".join(_LOG_TAIL[-2:]).strip())
+                + "".join(LOG_TAIL[-2:]).strip())
         return model
 
     def _default_eos(self) -> tuple[int, ...]:
@@ -393,7 +227,7 @@ class LlamaCppLM:
 
     # --- the protocol ---------------------------------------------------------------------
 
-    def _context(self, cells: int) -> _Context:
+    def _context(self, cells: int) -> Context:
         """A context with at least `cells` cells: the cached one if no state still uses it."""
         cells = int(math.ceil(cells / 256) * 256)
         ctx = self._ctx
@@ -402,11 +236,11 @@ class LlamaCppLM:
             return ctx
         if ctx is not None and ctx.live == 0:  # too small and unused: free it first
             self._ctx = ctx = None
-        ctx = _Context(self.ll, self.model, cells, self.threads, self._batch.capacity)
+        ctx = Context(self.ll, self.model, cells, self.threads, self._batch.capacity)
         self._ctx = ctx
         return ctx
 
-    def _decode(self, ctx: _Context, n: int) -> None:
+    def _decode(self, ctx: Context, n: int) -> None:
         self._batch.batch.n_tokens = n
         rc = self.ll.llama_decode(ctx.ctx, self._batch.batch)
         if rc == 1:
@@ -415,9 +249,9 @@ class LlamaCppLM:
                 "larger n_ctx, or use fewer particles / tokens")
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}: "
-                               + "".join(_LOG_TAIL[-2:]).strip())
+                               + "".join(LOG_TAIL[-2:]).strip())
 
-    def _logprobs(self, ctx: _Context, rows: int) -> torch.Tensor:
+    def _logprobs(self, ctx: Context, rows: int) -> torch.Tensor:
         ptr = self.ll.llama_get_logits(ctx.ctx)
         raw = np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size))  # zero-copy view
         with record_function("powersmc.normalize"):
@@ -437,13 +271,13 @@ class LlamaCppLM:
         total = sum(len(p) for p in prompts)
         extra = budget if budget is not None else len(prompts) * (self.max_context or 4096)
         ctx = self._context(self.n_ctx or max(total + extra + 256, MIN_CELLS))
-        seqs = _Seqs(ctx, ctx.take(len(prompts) * rows))
+        seqs = Seqs(ctx, ctx.take(len(prompts) * rows))
         state = LlamaState(seqs, np.zeros(seqs.ids.size, dtype=np.int32),
                            np.repeat([len(p) for p in prompts], rows).astype(np.int32))
-        weakref.finalize(state, _release, seqs)
+        weakref.finalize(state, release_seqs, seqs)
         return state, self._prompts(ctx, state, prompts, rows)
 
-    def _prompts(self, ctx: _Context, state: LlamaState, prompts: Sequence[Sequence[int]],
+    def _prompts(self, ctx: Context, state: LlamaState, prompts: Sequence[Sequence[int]],
                  rows: int) -> torch.Tensor:
         """Evaluate each prompt once under its first row's sequence and share its cells with
         its other rows; returns every row's next-token logprobs."""
@@ -476,10 +310,10 @@ class LlamaCppLM:
     def extend(self, state: LlamaState, prompts: Sequence[Sequence[int]], rows: int, *,
                budget: int | None = None) -> torch.Tensor:
         """Append `rows` rows per prompt to a running state, in its context (a system joining
-        the batch: `methods.scheduler`); returns the new rows' next-token logprobs. The caller
+        the batch: `runtime.scheduler`); returns the new rows' next-token logprobs. The caller
         keeps the context's cells within `capacity` (`budget` is not used here)."""
         ctx = state.seqs.ctx
-        new = LlamaState(_Seqs(ctx, ctx.take(len(prompts) * rows)),
+        new = LlamaState(Seqs(ctx, ctx.take(len(prompts) * rows)),
                          np.zeros(len(prompts) * rows, dtype=np.int32),
                          np.repeat([len(p) for p in prompts], rows).astype(np.int32))
         logp = self._prompts(ctx, new, prompts, rows)
@@ -493,7 +327,7 @@ class LlamaCppLM:
         """KV cells of the state's context that hold nothing (an upper bound on those in use
         is counted: every written token takes a cell, and only a released sequence's own
         writes free any). Cells of dropped particles interleaved with live ones stay parked
-        until the context is idle (see `_Context`), so a long-lived scheduler opens a fresh
+        until the context is idle (see `Context`), so a long-lived scheduler opens a fresh
         context when this runs low (`backends.particles.LMParticles`)."""
         ctx = state.seqs.ctx
         return ctx.cells - (ctx.written - ctx.freed)
@@ -554,13 +388,13 @@ class LlamaCppLM:
 
     def fork(self, state: LlamaState, keep: int | None = None) -> LlamaState:
         ctx = state.seqs.ctx
-        seqs = _Seqs(ctx, ctx.take(state.rows))
+        seqs = Seqs(ctx, ctx.take(state.rows))
         end = state.pos.copy() if keep is None else state.prompt_len + keep
         for src, dst, p1 in zip(state.seqs.ids.tolist(), seqs.ids.tolist(), end.tolist(),
                                 strict=True):
             ctx.copy(src, dst, p1)
         out = LlamaState(seqs, end.astype(np.int32), state.prompt_len.copy())
-        weakref.finalize(out, _release, seqs)
+        weakref.finalize(out, release_seqs, seqs)
         return out
 
 

@@ -1,7 +1,7 @@
-"""The engine interface of the shared Power-SMC loop (`methods.smc`), and its adapter for every
+"""The engine interface of the one token loop (`runtime.scheduler`), and its adapter for every
 backend that returns next-token log-probabilities (`LanguageModel`).
 
-Algorithm 1 is written once, in `methods.smc`, against `ParticleEngine`: an engine holds the
+Algorithm 1 is written once, in `methods.system`, against `ParticleEngine`: an engine holds the
 live particles of P prompts x N rows, draws one token per live row from the proposal
 (`advance`), and applies ancestor indices (`reorder`). The loop keeps the weights, ESS,
 resampling decisions, alpha-bridge, evidence and diagnostics. `LMParticles` serves the

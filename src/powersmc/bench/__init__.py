@@ -23,9 +23,7 @@ import torch
 
 from powersmc import cost
 from powersmc.backends.protocol import LanguageModel
-from powersmc.methods.decoding import sample
-from powersmc.methods.mh import mh_sample
-from powersmc.methods.smc import smc_sample, smc_sample_many
+from powersmc.runtime.api import mh_sample, sample, smc_sample, smc_sample_many
 
 # "model" is the forward pass less "normalize" (the backend's log-softmax), which it contains.
 PROFILE_LABELS = ("model", "normalize", "sample", "weights", "sync", "resample", "reorder")

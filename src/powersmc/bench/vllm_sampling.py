@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from powersmc.bench import NoEOS, _spread, _timed
-from powersmc.methods.smc import smc_sample
+from powersmc.runtime.api import smc_sample
 
 # Qwen2.5-7B (Qwen/Qwen2.5-7B config.json), the architecture of the paper's GPU runs
 QWEN25_7B: dict[str, Any] = {

@@ -38,9 +38,10 @@ from powersmc.backends.protocol import LanguageModel
 from powersmc.eval.grading import answer_key, grade
 from powersmc.eval.problem import Problem
 from powersmc.eval.prompts import render
-from powersmc.methods.registry import method_program, run_method
-from powersmc.methods.scheduler import Handle, Scheduler
+from powersmc.methods.registry import method_program
 from powersmc.methods.selection import normalized, weighted_vote
+from powersmc.runtime.api import run_method
+from powersmc.runtime.scheduler import Handle, Scheduler
 
 Key = tuple[str, str, int]  # (problem id, method, seed): one result row
 

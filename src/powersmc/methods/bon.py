@@ -18,7 +18,6 @@ import torch
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.methods.common import check_alpha, check_positive_int, encode_prompt, make_generator
 from powersmc.methods.program import Continue, Program
-from powersmc.methods.scheduler import run_program
 from powersmc.methods.selection import AnswerKey, apply_select, check_select
 from powersmc.results import ImportanceResult, Particle
 from powersmc.weights import ess, log_mean_weight
@@ -61,10 +60,3 @@ def bon_program(
         stats={"chosen_particle": chosen, "log_p": log_p.tolist()},
     )
     return apply_select(result, select, key)
-
-
-def bon_sample(model: LanguageModel, prompt: Prompt, **options) -> ImportanceResult:
-    """One importance-resampled best-of-N answer (`bon_program`'s options), run alone."""
-    result = run_program(model, bon_program(model, prompt, **options))
-    assert isinstance(result, ImportanceResult)
-    return result

@@ -7,7 +7,6 @@ from __future__ import annotations
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.methods.common import check_positive_int, encode_prompt, make_generator
 from powersmc.methods.program import Continue, Program, check_tau
-from powersmc.methods.scheduler import run_program
 from powersmc.proposals import check_nucleus
 from powersmc.results import SampleResult
 
@@ -49,8 +48,3 @@ def decode_program(
         stats={"temperature": 0.0 if greedy else tau, "top_k": top_k, "top_p": top_p,
                "finished": out.finished, "log_p": out.log_p()},
     )
-
-
-def sample(model: LanguageModel, prompt: Prompt, **options) -> SampleResult:
-    """`num_samples` decoded answers (`decode_program`'s options), run alone."""
-    return run_program(model, decode_program(model, prompt, **options))

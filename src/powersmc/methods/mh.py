@@ -40,7 +40,6 @@ from powersmc.methods.common import (
     make_generator,
 )
 from powersmc.methods.program import Continue, Program, Rows, spawn
-from powersmc.methods.scheduler import run_program
 from powersmc.results import SampleResult
 
 MODES = ("exact", "faithful")
@@ -128,8 +127,3 @@ def mh_program(
                "block_size": block, "num_blocks": num_blocks, "mh_moves": mh_moves,
                "log_p": sum(chain.lp)},
     )
-
-
-def mh_sample(model: LanguageModel, prompt: Prompt, **options) -> SampleResult:
-    """One MH answer (`mh_program`'s options), run alone on a fresh `Scheduler`."""
-    return run_program(model, mh_program(model, prompt, **options))

@@ -1,4 +1,4 @@
-"""Programs: every method as a coroutine of the one `Scheduler` (`methods.scheduler`).
+"""Programs: every method as a coroutine of the one `Scheduler` (`runtime.scheduler`).
 
 A program is a Python generator. It yields a list of requests and is resumed, between two
 scheduler steps, with their outcomes in the same order; what it returns is its result. While

@@ -1,9 +1,9 @@
 """One entry point for every method, used by the CLI, the evaluation harness and the server.
 
 `method_program(name, model, prompt, alpha=..., max_new_tokens=..., seed=..., **options)` maps
-the shared names onto each method's program (`methods.program`), to start on any `Scheduler`;
-`run_method` runs one alone. `options` holds method-specific settings, and those a method does
-not take are ignored, so one option set can drive a whole comparison.
+the shared names onto each method's program (`methods.program`), to start on any `Scheduler`
+(`runtime.api.run_method` runs one alone). `options` holds method-specific settings, and
+those a method does not take are ignored, so one option set can drive a whole comparison.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ from powersmc.methods.decoding import decode_program
 from powersmc.methods.mh import mh_program
 from powersmc.methods.options import taken_by
 from powersmc.methods.program import Program
-from powersmc.methods.scheduler import run_program
 from powersmc.methods.spower import spower_program
 from powersmc.methods.system import smc_program
-from powersmc.results import SampleResult
 
 
 def _plain(model, prompt, *, alpha, **kw):
@@ -92,14 +90,6 @@ def method_program(name: str, model: LanguageModel, prompt: Prompt, *, alpha: fl
     fn = METHODS[check_method(name)]
     kw = _accepted(name, options)
     return fn(model, prompt, alpha=alpha, max_new_tokens=max_new_tokens, seed=seed, **kw)
-
-
-def run_method(name: str, model: LanguageModel, prompt: Prompt, *, alpha: float,
-               max_new_tokens: int, seed: int | None, **options: Any) -> SampleResult:
-    """Run method `name` alone (see `method_program`)."""
-    return run_program(model, method_program(name, model, prompt, alpha=alpha,
-                                             max_new_tokens=max_new_tokens, seed=seed,
-                                             **options))
 
 
 def _accepted(name: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from powersmc.methods.common import (
     make_generator,
 )
 from powersmc.methods.program import Continue, Program, Rows, spawn
-from powersmc.methods.scheduler import run_program
 from powersmc.results import SampleResult
 
 
@@ -133,8 +132,3 @@ def spower_program(
         stats={"candidates": candidates, "rollouts": rollouts, "horizon": horizon,
                "jackknife": jackknife, "log_p": log_p},
     )
-
-
-def scalable_power_sample(model: LanguageModel, prompt: Prompt, **options) -> SampleResult:
-    """One Scalable Power Sampling answer (`spower_program`'s options), run alone."""
-    return run_program(model, spower_program(model, prompt, **options))

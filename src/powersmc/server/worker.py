@@ -23,8 +23,8 @@ from concurrent.futures import InvalidStateError
 from typing import TYPE_CHECKING, Any
 
 from powersmc.errors import InputError
-from powersmc.methods.scheduler import Handle, Scheduler
 from powersmc.results import SMCResult
+from powersmc.runtime.scheduler import Handle, Scheduler
 from powersmc.server.errors import APIError, from_input_error, shutting_down
 from powersmc.server.queue import RequestQueue, WorkItem, deadline_error
 from powersmc.server.systems import programs

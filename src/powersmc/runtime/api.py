@@ -1,12 +1,12 @@
-"""Power-SMC (Algorithm 1): N particles in one batched decode, exact weights, ESS resampling.
+"""The library's entry points: every method run on a fresh `Scheduler` (`runtime.scheduler`).
 
-The public entry points. Algorithm 1 is written once, per particle system, in
-`methods.system`; the `Scheduler` (`methods.scheduler`) runs any number of systems in one
-batch that re-forms at every token (systems join and leave between steps); it drives a
-`ParticleEngine` (`backends.particles`) that draws one token per live particle and applies
-ancestor indices. Backends that return
-log-probabilities (Transformers, llama.cpp, toy models) are served by `LMParticles`; an engine
-that samples tokens itself (vLLM) implements the interface natively.
+Power-SMC (Algorithm 1): N particles in one batched decode, exact weights, ESS resampling.
+Algorithm 1 is written once, per particle system, in `methods.system`; the `Scheduler` runs any
+number of systems (and every other method's programs) in one batch that re-forms at every
+token; it drives a `ParticleEngine` (`backends.particles`) that draws one token per live row
+and applies ancestor indices. Backends that return log-probabilities (Transformers, llama.cpp,
+toy models) are served by `LMParticles`; an engine that samples tokens itself (vLLM)
+implements the interface natively.
 
 Hot-path design (one decode step, all on the engine's device):
   * one batched forward over the live particles of every system; finished particles have left
@@ -25,21 +25,24 @@ before the draw and copies of a particle draw their own next tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import InputError
+from powersmc.methods.bon import bon_program
 from powersmc.methods.common import make_generator
-from powersmc.methods.options import ORDERS, check_order, check_resample_align
-from powersmc.methods.scheduler import Scheduler
+from powersmc.methods.decoding import decode_program
+from powersmc.methods.mh import mh_program
+from powersmc.methods.program import Program
+from powersmc.methods.registry import method_program
 from powersmc.methods.selection import AnswerKey
+from powersmc.methods.spower import spower_program
 from powersmc.methods.system import system_seed
 from powersmc.proposals import Proposal
-from powersmc.results import SMCResult
+from powersmc.results import ImportanceResult, SampleResult, SMCResult
+from powersmc.runtime.scheduler import Scheduler
 from powersmc.schedules import Schedule
-
-__all__ = ["ORDERS", "check_order", "check_resample_align", "smc_sample", "smc_sample_many"]
 
 
 def smc_sample(model: LanguageModel, prompt: Prompt, **options) -> SMCResult:
@@ -152,3 +155,51 @@ def smc_sample_many(
 def _smc(result: object) -> SMCResult:
     assert isinstance(result, SMCResult)
     return result
+
+
+def run_program(model: LanguageModel, program: Program) -> SampleResult:
+    """Run one program alone on a fresh `Scheduler`."""
+    return run_programs(model, [program])[0]
+
+
+def run_programs(model: LanguageModel, programs: Iterable[Program], *,
+                 progress: bool = False) -> list[SampleResult]:
+    """Run programs together on a fresh `Scheduler`, sharing its forward passes; their
+    results in order."""
+    sched = Scheduler(model, progress=progress)
+    try:
+        handles = [sched.start(p) for p in programs]
+        sched.run()
+    finally:
+        sched.close()
+    return [h.result() for h in handles]
+
+
+def run_method(name: str, model: LanguageModel, prompt: Prompt, *, alpha: float,
+               max_new_tokens: int, seed: int | None, **options: Any) -> SampleResult:
+    """Run method `name` alone (`methods.registry.method_program`)."""
+    return run_program(model, method_program(name, model, prompt, alpha=alpha,
+                                             max_new_tokens=max_new_tokens, seed=seed,
+                                             **options))
+
+
+def mh_sample(model: LanguageModel, prompt: Prompt, **options: Any) -> SampleResult:
+    """One MH answer (`methods.mh.mh_program`'s options), run alone."""
+    return run_program(model, mh_program(model, prompt, **options))
+
+
+def scalable_power_sample(model: LanguageModel, prompt: Prompt, **options: Any) -> SampleResult:
+    """One Scalable Power Sampling answer (`methods.spower.spower_program`'s options)."""
+    return run_program(model, spower_program(model, prompt, **options))
+
+
+def bon_sample(model: LanguageModel, prompt: Prompt, **options: Any) -> ImportanceResult:
+    """One importance-resampled best-of-N answer (`methods.bon.bon_program`'s options)."""
+    result = run_program(model, bon_program(model, prompt, **options))
+    assert isinstance(result, ImportanceResult)
+    return result
+
+
+def sample(model: LanguageModel, prompt: Prompt, **options: Any) -> SampleResult:
+    """`num_samples` decoded answers (`methods.decoding.decode_program`'s options)."""
+    return run_program(model, decode_program(model, prompt, **options))

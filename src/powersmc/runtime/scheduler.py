@@ -4,7 +4,7 @@
 (`methods.program`): each `step` admits waiting requests while rows (and cache) are free,
 draws one token for every live row of every request in one engine pass, settles each request
 (Algorithm 1's bookkeeping for a Power-SMC system, `methods.system`; recording for a program's
-continuation rows, `methods.rows`) with one host transfer for all of them, retires finished
+continuation rows, `runtime.rows`) with one host transfer for all of them, retires finished
 requests and resumes the programs whose requests are all done, between two steps. A resumed
 program's next requests join at the next step. Every request keeps its own generator and
 settings, so each finished Power-SMC system is an exact, independent run of Algorithm 1 and a
@@ -17,129 +17,24 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import fields
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from powersmc.backends.particles import Draw, DrawSpec, ParticleEngine, particle_engine
+from powersmc.backends.particles import Draw, particle_engine
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import InputError
-from powersmc.methods.common import check_positive_int, eos_tensor
-from powersmc.methods.program import Continue, Program
-from powersmc.methods.rows import RowGroup
+from powersmc.methods.common import check_positive_int
+from powersmc.methods.program import Program
 from powersmc.methods.selection import AnswerKey
-from powersmc.methods.system import System, smc_program, system_seed
-from powersmc.results import Cost, SampleResult
+from powersmc.methods.system import System, smc_program
+from powersmc.runtime.handles import Cancelled, Handle, Unit, _Run
 
-__all__ = ["Cancelled", "Handle", "Scheduler", "run_program", "run_programs", "system_seed"]
-
-
-class Cancelled(Exception):
-    """The request was cancelled before it finished."""
-
-
-class Handle:
-    """A started program: `done`, `result()`, `cancel()`. Thread-safe to read and cancel."""
-
-    def __init__(self) -> None:
-        self.error: BaseException | None = None
-        self.cancelled = False
-        self.submitted = time.perf_counter()
-        self._done = threading.Event()
-        self._result: SampleResult | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    def cancel(self) -> None:
-        """Leave at the next step: the rows and cache are freed, no result comes."""
-        self.cancelled = True
-
-    def result(self) -> SampleResult:
-        """The program's result; raises the run's error, or if not done."""
-        if not self.done:
-            raise RuntimeError("the request is not finished: step the scheduler")
-        if self.error is not None:
-            raise self.error
-        assert self._result is not None
-        return self._result
-
-    def _fail(self, error: BaseException) -> None:
-        if not self.done:
-            self.error = error
-            self._done.set()
-
-    def _resolve(self, result: SampleResult) -> None:
-        if not self.done:
-            self._result = result
-            self._done.set()
-
-
-class Unit(Protocol):
-    """What the loop needs of one request's rows (`System`, `RowGroup`)."""
-
-    ids: list[int]
-    started: float
-    cost: Cost
-    run: _Run  # the program it belongs to
-
-    @property
-    def n(self) -> int: ...
-    @property
-    def rows(self) -> int: ...
-    @property
-    def budget(self) -> int: ...
-    def spec(self, fork_block: int) -> DrawSpec: ...
-    def next_alpha(self) -> float: ...
-    def weigh(self, draw: Draw, alpha: float, engine: ParticleEngine, row0: int) -> Any: ...
-    def settle(self, decision: Any, engine: ParticleEngine, draw: Draw,
-               row0: int) -> tuple[np.ndarray, torch.Tensor | None]: ...
-    def outcome(self, model: LanguageModel) -> Any: ...
-
-
-class _Run:
-    """A program in flight: the requests of its last yield, their outcomes, and its cost."""
-
-    def __init__(self, program: Program, handle: Handle) -> None:
-        self.program, self.handle = program, handle
-        self.units: list[Unit] = []
-        self.outcomes: list[Any] = []
-        self.left = 0
-        self.cost = Cost()
-        self.started: float | None = None
-        self.ended = False
-
-    def resume(self, value: list[Any] | None, model: LanguageModel) -> list[Unit]:
-        """Run the program to its next yield; its requests as units ([] once it returned)."""
-        try:
-            reqs = next(self.program) if value is None else self.program.send(value)
-        except StopIteration as stop:
-            result: SampleResult = stop.value
-            now = time.perf_counter()
-            start = self.started if self.started is not None else now
-            self.cost.seconds = now - start
-            self.cost.queue_seconds = start - self.handle.submitted
-            result.cost = self.cost
-            self.handle._resolve(result)
-            return []
-        if not reqs:
-            raise RuntimeError("a program yielded no request")
-        dev, eos = model.device, eos_tensor(model)
-        self.units = [RowGroup(r, dev, eos) if isinstance(r, Continue) else System(r, dev, eos)
-                      for r in reqs]
-        for u in self.units:
-            u.run = self
-        self.outcomes, self.left = [None] * len(reqs), len(reqs)
-        return self.units
+__all__ = ["Cancelled", "Handle", "Scheduler"]
 
 
 class Scheduler:
@@ -398,24 +293,6 @@ class Scheduler:
             self._finish(u.run, exc)
         self.live, self._joined = [], 0
         self.engine.close()
-
-
-def run_program(model: LanguageModel, program: Program) -> SampleResult:
-    """Run one program alone on a fresh `Scheduler` (the library's method functions)."""
-    return run_programs(model, [program])[0]
-
-
-def run_programs(model: LanguageModel, programs: Iterable[Program], *,
-                 progress: bool = False) -> list[SampleResult]:
-    """Run programs together on a fresh `Scheduler`, sharing its forward passes; their
-    results in order."""
-    sched = Scheduler(model, progress=progress)
-    try:
-        handles = [sched.start(p) for p in programs]
-        sched.run()
-    finally:
-        sched.close()
-    return [h.result() for h in handles]
 
 
 def _rows(draw: Draw, lo: int, hi: int) -> Draw:
