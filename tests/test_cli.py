@@ -55,7 +55,26 @@ def _json_stdout(r):
     (["bench", "--batches", "2,4"], "--batches"),
     (["sample"], "--prompt"),
 ])
-def test_bad_input_exit_code_2(args, needle):
+def test_bad_input_exit_code_2(args, needle, capsys):
+    """In process (`main`, as the console script runs it): exit code 2, one error line
+    naming the argument; an unexpected exception would fail the test."""
+    from powersmc.cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if "error" in ln]
+    assert len(lines) == 1 and needle in lines[0]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sample", "--prompt", "hi", "--particles", "0"], "--particles"),  # ours
+    (["sample", "--prompt", "hi", "--particles", "many"], "--particles"),  # argparse's
+])
+def test_bad_input_exit_code_2_as_a_process(args, needle):
     r = _cli(*args)
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if "error" in ln]
