@@ -336,10 +336,10 @@ def test_eval_writes_the_same_rows_on_both_backends(llama_lm, default_lm, tmp_pa
 
 
 def test_long_lived_scheduler_holds_bounded_cells_and_exact_rows():
-    """1000 particle systems pass through one scheduler on a small context (1024 cells), three
+    """300 particle systems pass through one scheduler on a small context (1024 cells), three
     live at a time, resampling often (kappa = 1): dropped particles' cells are parked, so the
-    context fills; new systems then open a fresh context and the old one is freed once its
-    systems are done. At no point are more than two contexts alive, and every sampled row's
+    context fills (several times over); new systems then open a fresh context and the old one
+    is freed once its systems are done. At no point are more than two contexts alive, and every sampled row's
     next-token log-probs equal a from-scratch evaluation (ATOL: the module docstring)."""
     from powersmc import Scheduler
     from powersmc.backends.llamacpp_context import Context
@@ -350,12 +350,21 @@ def test_long_lived_scheduler_holds_bounded_cells_and_exact_rows():
     engine, advance = sched.engine, sched.engine.advance
     checked, worst, most = [0], [0.0], [0]
 
+    opened, SYSTEMS = [0], 300
+    new_context = lm._context
+
+    def counting_context(cells):
+        opened[0] += 1
+        return new_context(cells)
+
+    lm._context = counting_context
+
     def checking_advance(alphas):
-        rows = [list(s.prompt_ids) + s.tokens[p, : s.t].tolist()
+        rows = [list(s.ids) + s.tokens[p, : s.t].tolist()
                 for s in sched.live for p in s.alive.tolist()]
         draw = advance(alphas)
         most[0] = max(most[0], len(engine.segments))
-        if sched.steps % 40 == 0:
+        if sched.steps % 20 == 0:
             pick = np.random.default_rng(sched.steps).choice(len(rows), 4, replace=False)
             want = torch.cat([ref.prefill(rows[i], 1, budget=1)[1] for i in pick])
             worst[0] = max(worst[0], (want - engine.logp[torch.from_numpy(pick)]).abs().max())
@@ -365,17 +374,19 @@ def test_long_lived_scheduler_holds_bounded_cells_and_exact_rows():
     engine.advance = checking_advance
     vocab = np.random.default_rng(0)
     handles, k = [], 0
-    while k < 1000 or not sched.idle:
-        while k < 1000 and len(sched.live) + len(sched.waiting) < 3:
+    while k < SYSTEMS or not sched.idle:
+        while k < SYSTEMS and len(sched.live) + len(sched.waiting) < 3:
             prompt = vocab.integers(100, 5000, size=3 + k % 5).tolist()
             handles.append(sched.submit(prompt, seed=k, particles=4, ess_threshold=1.0,
                                         max_new_tokens=4 + k % 5))
             k += 1
         sched.step()
         assert len({id(seg.state.seqs.ctx) for seg in engine.segments}) <= 2
-        if sched.steps % 500 == 0:  # nothing else holds a context: at most 2 + ref's
+        if sched.steps % 200 == 0:  # nothing else holds a context: at most 2 + ref's
             gc.collect()
             assert sum(isinstance(o, Context) for o in gc.get_objects()) <= 3
     assert all(h.done and h.error is None for h in handles)
     assert most[0] == 2 and checked[0] >= 20 and worst[0] < ATOL, (most, checked, worst)
+    assert opened[0] >= 4, opened  # the context filled and was replaced several times
+    print(f"contexts opened: {opened[0]}, rows checked: {checked[0]}, steps: {sched.steps}")
     assert engine.segments == [] and lm._ctx is not None
