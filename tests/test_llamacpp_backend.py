@@ -339,11 +339,14 @@ def test_long_lived_scheduler_holds_bounded_cells_and_exact_rows():
     """300 particle systems pass through one scheduler on a small context (1024 cells), three
     live at a time, resampling often (kappa = 1): dropped particles' cells are parked, so the
     context fills (several times over); new systems then open a fresh context and the old one
-    is freed once its systems are done. At no point are more than two contexts alive, and every sampled row's
-    next-token log-probs equal a from-scratch evaluation (ATOL: the module docstring)."""
+    is freed once its systems are done. At no point are more than two contexts alive, and
+    every sampled row's next-token log-probs equal a from-scratch evaluation (ATOL: the module
+    docstring)."""
     from powersmc import Scheduler
     from powersmc.backends.llamacpp_context import Context
 
+    gc.collect()
+    elsewhere = sum(isinstance(o, Context) for o in gc.get_objects())  # e.g. a fixture's
     lm = LlamaCppLM(default_gguf_path(), n_ctx=1024, threads=2)
     ref = LlamaCppLM(default_gguf_path(), n_ctx=1024, threads=2)
     sched = Scheduler(lm)
@@ -382,9 +385,9 @@ def test_long_lived_scheduler_holds_bounded_cells_and_exact_rows():
             k += 1
         sched.step()
         assert len({id(seg.state.seqs.ctx) for seg in engine.segments}) <= 2
-        if sched.steps % 200 == 0:  # nothing else holds a context: at most 2 + ref's
+        if sched.steps % 200 == 0:  # at most lm's 2 + ref's, beside those held elsewhere
             gc.collect()
-            assert sum(isinstance(o, Context) for o in gc.get_objects()) <= 3
+            assert sum(isinstance(o, Context) for o in gc.get_objects()) <= elsewhere + 3
     assert all(h.done and h.error is None for h in handles)
     assert most[0] == 2 and checked[0] >= 20 and worst[0] < ATOL, (most, checked, worst)
     assert opened[0] >= 4, opened  # the context filled and was replaced several times

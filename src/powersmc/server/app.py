@@ -79,8 +79,9 @@ def create_app(lm: LanguageModel | None, config: ServerConfig, *,
         else:
             lifecycle.load(loader, loaded)
         yield
-        # after a drain that cancelled a running batch, do not wait for it to end
-        batcher.stop(timeout=1.0 if lifecycle.draining() else 30.0)
+        # the worker ends after its current step (one token); the process must not exit
+        # while that step is inside the model's C code
+        batcher.stop()
 
     app = FastAPI(title="powersmc", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
