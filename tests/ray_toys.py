@@ -1,7 +1,7 @@
 """A toy model for the Ray evaluation tests, built by a picklable factory on each worker, with
 faults keyed to a problem's question: 'raise' raises; 'die PATH' kills its worker process
 (SIGKILL, as the out-of-memory killer does) unless PATH exists; 'kill-once PATH' has Ray kill
-its own actor unless PATH exists, and creates PATH."""
+its own actor unless PATH exists, and creates PATH (atomically: once, whoever gets there first)."""
 
 from __future__ import annotations
 
@@ -29,13 +29,22 @@ class FaultyLM(DigitLM):
             word, *path = prompt.split()
             if word == "die" and not Path(path[0]).exists():
                 os.kill(os.getpid(), signal.SIGKILL)
-            if word == "kill-once" and not Path(path[0]).exists():
+            if word == "kill-once" and _first(path[0]):
                 import ray
 
-                Path(path[0]).touch()
                 ray.kill(ray.get_runtime_context().current_actor)
                 time.sleep(60)  # killed while this unit is in flight
         return super().encode_prompt(prompt)
+
+
+def _first(path: str) -> bool:
+    """Create `path`; True for the one caller that created it (atomic: two workers running
+    the problem's units at once cannot both kill theirs)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
 
 
 def faulty_lm(threads: int | None = None) -> FaultyLM:
