@@ -12,7 +12,6 @@ import torch
 
 from powersmc.backends.particles import Draw, DrawSpec, ParticleEngine
 from powersmc.backends.protocol import LanguageModel
-from powersmc.methods.common import eos_tensor
 from powersmc.methods.program import Continue, Program
 from powersmc.methods.system import System
 from powersmc.results import Cost, SampleResult
@@ -70,7 +69,7 @@ class Unit(Protocol):
     ids: list[int]
     started: float
     cost: Cost
-    run: _Run  # the program it belongs to
+    run: Run  # the program it belongs to
 
     @property
     def n(self) -> int: ...
@@ -86,7 +85,7 @@ class Unit(Protocol):
     def outcome(self, model: LanguageModel) -> Any: ...
 
 
-class _Run:
+class Run:
     """A program in flight: the requests of its last yield, their outcomes, and its cost."""
 
     def __init__(self, program: Program, handle: Handle) -> None:
@@ -98,7 +97,8 @@ class _Run:
         self.started: float | None = None
         self.ended = False
 
-    def resume(self, value: list[Any] | None, model: LanguageModel) -> list[Unit]:
+    def resume(self, value: list[Any] | None, model: LanguageModel,
+               eos: torch.Tensor) -> list[Unit]:
         """Run the program to its next yield; its requests as units ([] once it returned)."""
         try:
             reqs = next(self.program) if value is None else self.program.send(value)
@@ -113,7 +113,7 @@ class _Run:
             return []
         if not reqs:
             raise RuntimeError("a program yielded no request")
-        dev, eos = model.device, eos_tensor(model)
+        dev = model.device
         self.units = [RowGroup(r, dev, eos) if isinstance(r, Continue) else System(r, dev, eos)
                       for r in reqs]
         for u in self.units:

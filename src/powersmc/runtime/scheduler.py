@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 from powersmc.backends.particles import Draw, particle_engine
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import InputError
-from powersmc.methods.common import check_positive_int
+from powersmc.methods.common import check_positive_int, eos_tensor
 from powersmc.methods.program import Program
 from powersmc.methods.selection import AnswerKey
 from powersmc.methods.system import System, smc_program
-from powersmc.runtime.handles import Cancelled, Handle, Unit, _Run
+from powersmc.runtime.handles import Cancelled, Handle, Run, Unit
 
 __all__ = ["Cancelled", "Handle", "Scheduler"]
 
@@ -66,9 +66,9 @@ class Scheduler:
         limits = [x for x in (max_rows, self.engine.max_rows) if x is not None]
         self.max_rows = min(limits) if limits else None
         self.max_systems = max_systems
+        self.eos = eos_tensor(model)  # every request's EOS ids, built once
         self.waiting: deque[Unit] = deque()
         self.live: list[Unit] = []  # in row order
-        self.runs = 0  # programs started and not finished
         self.steps = 0
         self._joined = 0  # admitted, not yet through their first step (the end of `live`)
         self._lock = threading.Lock()
@@ -81,15 +81,14 @@ class Scheduler:
         """Start `program`: it runs to its first yield now (so its bad options raise here,
         before anything runs), and its requests wait for rows."""
         handle = Handle()
-        run = _Run(program, handle)
-        units = run.resume(None, self.model)
+        run = Run(program, handle)
+        units = run.resume(None, self.model, self.eos)
         for u in units:
             if self.max_rows is not None and u.n > self.max_rows:
                 name = "particles" if isinstance(u, System) else "rows"
                 raise InputError(name, f"at most {self.max_rows} on this backend", u.n)
         with self._lock:
             self.waiting.extend(units)
-            self.runs += bool(units)
             self._bar.total += 1
             if not units:
                 self._bar.update(1)
@@ -269,7 +268,7 @@ class Scheduler:
             run.left -= 1
             if run.left:
                 return
-            units = run.resume(run.outcomes, self.model)
+            units = run.resume(run.outcomes, self.model, self.eos)
         except Exception as exc:  # noqa: BLE001 - this program alone fails
             self._finish(run, exc)
             return
@@ -279,13 +278,12 @@ class Scheduler:
         with self._lock:
             self.waiting.extend(units)
 
-    def _finish(self, run: _Run, error: BaseException | None) -> None:
+    def _finish(self, run: Run, error: BaseException | None) -> None:
         """A program ends (resolved, failed or cancelled); counted once."""
         if error is not None:
             run.handle._fail(error)
         if not run.ended:
             run.ended = True
-            self.runs -= 1
             self._bar.update(1)
 
     def _fail_all(self, exc: BaseException) -> None:
