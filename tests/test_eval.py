@@ -221,3 +221,47 @@ def test_report_votes_pairs_and_model_name(tmp_path):
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
     text = report(tmp_path)
     assert "(vote)" not in text and "| bon |" in text
+
+
+def _long_lm():
+    """Answers of every length up to the cap: EOS (id 10) at probability about 0.05."""
+    from eval_worker import VOCAB, DigitLM
+
+    def fn(prefix):
+        rng = random.Random(hash(prefix[-6:]))
+        out = [math.log(rng.random() + 0.05) for _ in range(VOCAB)]
+        out[10] = math.log(0.03)
+        return out
+
+    return DigitLM(fn, VOCAB, [10])
+
+
+def test_budget_sets_each_methods_knob_for_equal_token_evals(tmp_path):
+    """`--budget N`: every method's mean token-evals per problem, on the calibration problems,
+    within 25% of Power-SMC's with N particles; the calibration is recorded and reused on
+    resume; the report tests against the reference and draws accuracy against compute."""
+    from powersmc.eval.problem import Problem
+    from powersmc.eval.runner import run_eval
+
+    probs = [Problem(f"p{i}", f"{i}+{i}", str(2 * i), "first-number") for i in range(8)]
+    methods = ["smc", "maj", "bon", "mh", "ppt", "smc-rm"]
+    kw = dict(methods=methods, seeds=[0], out_dir=tmp_path, template="{problem}",
+              max_new_tokens=8, options={"num_blocks": 2, "stage_tokens": 4,
+                                         "ess_threshold": 0.9}, progress=False, budget=8)
+    rows = run_eval(_long_lm(), probs, **kw)
+    config = json.loads((tmp_path / "config.json").read_text())
+    knobs = config["budget"]["knobs"]
+    assert knobs["smc"] == {"particles": 8} and set(knobs) == set(methods)
+    target = config["budget"]["target"]
+    for m in methods:
+        mean = sum(r["token_evals"] for r in rows if r["method"] == m) / len(probs)
+        print(m, knobs[m], f"{mean:.0f} token-evals against {target:.0f}")
+        assert abs(mean / target - 1) < 0.25, (m, mean, target)
+    again = run_eval(_long_lm(), probs, **kw)  # resumes: nothing runs, same calibration
+    assert len(again) == len(rows)
+    text = report(tmp_path, reference="smc")
+    assert "## Against `smc`" in text and "Equal compute (`--budget 8`)" in text
+    assert (tmp_path / "accuracy_compute.png").stat().st_size > 0
+    with pytest.raises(InputError) as e:
+        report(tmp_path, reference="nope")
+    assert e.value.argument == "--reference"

@@ -17,7 +17,16 @@ from powersmc.server.run import config_from_args
 # a value other than the default for every option, and the text the CLI reads it from
 VALUES = {"particles": 3, "ess_threshold": 0.25, "resampler": "residual", "ramp_tokens": 2,
           "order": "adapted", "resample_align": 2, "rounds": 2, "num_blocks": 3,
-          "mh_moves": 2, "candidates": 3, "rollouts": 2, "horizon": 3, "bon_samples": 5}
+          "mh_moves": 2, "candidates": 3, "rollouts": 2, "horizon": 3, "bon_samples": 5,
+          "select": "vote", "rejuvenate_moves": 2, "cut_power": 2.0, "alphas": [1.5, 2.0],
+          "stage_tokens": 2, "maj_samples": 3, "temperature": 0.5}
+TEXT = {"alphas": "1.5,2"}  # how the CLI reads a value whose str() is not its flag's text
+
+
+def _text(option):
+    return TEXT.get(option.name, str(VALUES[option.name]))
+
+
 CASES = [(o, m) for o in OPTIONS for m in o.methods if m != "smc-adapted" or o.name != "order"]
 
 
@@ -53,7 +62,7 @@ def _reached(calls, method, option):
 @pytest.mark.parametrize("option,method", CASES, ids=lambda x: getattr(x, "name", x))
 def test_sample_flags_reach_the_method(option, method, seen, capsys):
     code = main(["sample", "--prompt", "hi", "--method", method, "--max-new-tokens", "3",
-                 "--seed", "0", option.cli, str(VALUES[option.name])])
+                 "--seed", "0", option.cli, _text(option)])
     assert code == 0, capsys.readouterr().err
     assert _reached(seen, method, option)
 
@@ -64,7 +73,7 @@ def test_eval_flags_reach_the_method(option, method, seen, tmp_path, capsys):
     data.write_text(json.dumps({"question": "hi", "answer": "#### 1"}) + "\n")
     code = main(["eval", "--dataset", str(data), "--methods", method, "--out",
                  str(tmp_path / "run"), "--max-new-tokens", "3", "--template", "chat",
-                 "--no-progress", option.cli, str(VALUES[option.name])])
+                 "--no-progress", option.cli, _text(option)])
     assert code == 0, capsys.readouterr().err
     assert _reached(seen, method, option)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -77,7 +86,7 @@ SERVED_CASES = [(o, m) for o, m in CASES if o.served]
 @pytest.mark.parametrize("option,method", SERVED_CASES, ids=lambda x: getattr(x, "name", x))
 def test_serve_flags_and_request_fields_reach_the_method(option, method, seen):
     args = build_parser().parse_args(["serve", "--max-new-tokens", "3", option.cli,
-                                      str(VALUES[option.name])])
+                                      _text(option)])
     flagged = config_from_args(args)
     assert flagged.defaults[option.name] == VALUES[option.name]
     lm = EchoLM()
@@ -96,4 +105,14 @@ def test_served_fields_are_the_declared_options():
 
     fields = set(CompletionRequest.model_fields)
     assert {o.name for o in SERVED} <= fields
-    assert not {o.name for o in OPTIONS if not o.served} & fields
+    # temperature is OpenAI's own field, which the server maps onto plain's and maj's
+    assert not {o.name for o in OPTIONS if not o.served} - {"temperature"} & fields
+
+
+def test_a_request_temperature_reaches_maj(seen):
+    with live_server(EchoLM()) as url:
+        r = httpx.post(f"{url}/v1/completions", json={
+            "prompt": "hi", "method": "maj", "max_tokens": 3, "seed": 0, "temperature": 0.5},
+            timeout=60)
+    assert r.status_code == 200, r.text
+    assert [kw["temperature"] for name, kw in seen if name == "maj"] == [0.5]

@@ -19,6 +19,7 @@ from powersmc.methods.registry import METHODS, method_program
 from powersmc.runtime.api import run_program, run_programs
 
 OPTS = {"particles": 4, "num_blocks": 2, "mh_moves": 3, "candidates": 3, "rollouts": 2,
+        "stage_tokens": 3, "ess_threshold": 0.9,
         "horizon": 2, "num_samples": 3}
 
 

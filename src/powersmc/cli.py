@@ -75,6 +75,9 @@ def method_options(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from powersmc import __version__
+    from powersmc.methods.registry import METHODS
+
+    every = ", ".join(METHODS)
 
     parser = _Parser(prog="powersmc", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -89,20 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file")
     _model_args(s)
     _sampling_args(s)
-    s.add_argument("--method", default="smc",
-                   help="smc, smc-adapted, mh, mh-faithful, spower, lowtemp, plain, greedy "
-                   "or bon")
+    s.add_argument("--method", default="smc", help=f"one of {every}")
     s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--select", default="sample",
-                   help="sample (draw one particle) or vote (answer with the most weight)")
     s.add_argument("--json", action="store_true", help="print the result object as JSON")
+    s.add_argument("--trace", default=None, metavar="FILE.png",
+                   help="draw the run: ESS and resampling (SMC family), acceptance per block "
+                   "(MH family), swap acceptance per rung pair (ppt)")
     s.add_argument("--no-progress", action="store_true")
     e = sub.add_parser("eval", help="evaluate methods on a data set (resumable)")
     e.add_argument("--dataset", required=True,
                    help="builtin, builtin-multi, math500, gsm8k, a JSONL path or a hub id")
     e.add_argument("--methods", default="plain,lowtemp,mh,spower,smc",
-                   help="comma-separated: smc, smc-adapted, mh, mh-faithful, spower, lowtemp, "
-                   "plain, greedy, bon")
+                   help=f"comma-separated, of {every}")
     e.add_argument("--seeds", default="0", help="comma-separated seeds")
     e.add_argument("--limit", type=int, default=None, help="first N problems (after --subset)")
     e.add_argument("--subset", default=None, help="'i:j', 'level=5', 'subject=Algebra'")
@@ -116,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "cores // K threads each on CPU); needs powersmc[ray]")
     e.add_argument("--ray-address", default=None,
                    help="with --workers: join this Ray cluster (default: start a local one)")
+    e.add_argument("--budget", type=int, default=None, metavar="N",
+                   help="equal compute: set each method's own knob (particles, samples, moves, "
+                   "rollouts) for the mean token-evals of Power-SMC with N particles, "
+                   "calibrated on the first problems")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--json", action="store_true",
                    help="print the summary (summary.json) and the workers' throughput as JSON")
@@ -124,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="Table 1 and a plot from a run directory")
     r.add_argument("dir", metavar="DIR")
+    r.add_argument("--reference", default=None, metavar="METHOD",
+                   help="test every method against this one (paired McNemar; default: smc)")
     r.add_argument("--json", action="store_true", help="print the summary (summary.json) as JSON")
 
     b = sub.add_parser("bench", help="Sec. 6 measured: s(b), SMC overhead, MH vs SMC, profile")
@@ -178,27 +185,37 @@ def _check_sampling(args: argparse.Namespace) -> None:
     """Validate cheap arguments before the (slow) model load; errors name the flag."""
     from powersmc.methods import common
     from powersmc.methods.options import OPTIONS, check_all
-    from powersmc.methods.registry import check_method
+    from powersmc.methods.registry import check_method, check_select_for
 
     common.check_alpha(args.alpha)
     common.check_positive_int("max_new_tokens", args.max_new_tokens)
     check_all({o.name: getattr(args, o.dest) for o in OPTIONS}, names=lambda o: o.cli)
-    check_method(args.method)
+    methods = getattr(args, "methods_list", [check_method(args.method)])
+    try:
+        check_select_for(methods, args.select)
+    except InputError as exc:
+        raise InputError("--select", exc.allowed, exc.got) from None
 
 
 def cmd_sample(args: argparse.Namespace, out: TextIO) -> int:
-    from powersmc.methods.selection import check_select
     from powersmc.runtime.api import run_method
 
     prompt = _read_prompt(args)
     if not prompt.strip():
         raise InputError("prompt", "a non-empty prompt", prompt)
     _check_sampling(args)
-    check_select(args.select)
+    if args.trace is not None:
+        from powersmc.trace import check_trace
+
+        check_trace(args.method)
     lm = _load(args)
-    opts = method_options(args) | {"progress": not args.no_progress, "select": args.select}
+    opts = method_options(args) | {"progress": not args.no_progress}
     result = run_method(args.method, lm, prompt, alpha=args.alpha,
                         max_new_tokens=args.max_new_tokens, seed=args.seed, **opts)
+    if args.trace is not None:
+        from powersmc.trace import plot_trace
+
+        plot_trace(result, args.trace)
     if args.json:
         _print_json(out, result.to_dict())
     else:
@@ -214,6 +231,7 @@ def _int_list(name: str, text: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace, out: TextIO) -> int:
+    from powersmc.eval.budget import check_budget
     from powersmc.eval.builtin import BUILTIN_SETS
     from powersmc.eval.data import load_problems
     from powersmc.eval.labels import model_label
@@ -228,11 +246,15 @@ def cmd_eval(args: argparse.Namespace, out: TextIO) -> int:
     seeds = _int_list("--seeds", args.seeds)
     if not methods:
         raise InputError("--methods", "at least one method", args.methods)
-    args.method = methods[0]
+    args.method, args.methods_list = methods[0], methods
     if args.batch_prompts < 1:
         raise InputError("--batch-prompts", "an integer >= 1", args.batch_prompts)
     if args.ray_address is not None and args.workers is None:
         raise InputError("--ray-address", "used only with --workers", args.ray_address)
+    check_budget(args.budget)
+    if args.budget is not None and args.workers is not None:
+        raise InputError("--budget", "a run in this process (its calibration runs here; not "
+                         "with --workers yet)", args.budget)
     _check_sampling(args)
     problems = load_problems(args.dataset, limit=args.limit, subset=args.subset)
     builtin = args.dataset in BUILTIN_SETS
@@ -255,7 +277,8 @@ def cmd_eval(args: argparse.Namespace, out: TextIO) -> int:
                                "model": args.model or model_label(info["model"]),
                                "backend": info["backend"],
                                "subset": args.subset, "limit": args.limit},
-                 progress=not args.no_progress, batch_prompts=args.batch_prompts)
+                 progress=not args.no_progress, batch_prompts=args.batch_prompts,
+                 budget=args.budget)
         pool = None if args.workers is None else model
     text = report(args.out)
     if args.json:
@@ -276,7 +299,7 @@ def _summary(out_dir: str | Path) -> Any:
 def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
     from powersmc.eval.report import report
 
-    text = report(args.dir)
+    text = report(args.dir, args.reference)
     if args.json:
         _print_json(out, {"summary": _summary(args.dir)})
     else:

@@ -57,6 +57,12 @@ def log_power_normalizer(logp: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.logsumexp(alpha * logp.double(), dim=-1)
 
 
+def shannon_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """H(p_t) = -sum_v p_t(v) log p_t(v) over the last dimension (0 log 0 = 0), float64."""
+    lp = logp.double()
+    return -torch.where(torch.isfinite(lp), lp.exp() * lp, torch.zeros_like(lp)).sum(-1)
+
+
 FLOOR = -80.0  # exp(-80) = 1.8e-35: above float32's smallest normal number (1.2e-38)
 
 

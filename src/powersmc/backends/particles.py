@@ -85,10 +85,12 @@ class ParticleEngine(Protocol):
         beside the live ones now (a fixed-size cache); an empty engine always says yes."""
         ...
 
-    def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int) -> None:
-        """Take a new request: `rows` rows on `prompt`, nothing generated yet. `budget`
-        bounds the tokens its rows will generate together. Raises `InputError` for a spec
-        the engine cannot draw."""
+    def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int,
+              prefixes: Sequence[Sequence[int]] | None = None) -> None:
+        """Take a new request: `rows` rows on `prompt`, nothing generated yet; with
+        `prefixes` (one per row), row k starts from prompt + prefixes[k] (a particle system
+        resumed after its particles moved). `budget` bounds the tokens its rows will generate
+        together. Raises `InputError` for a spec the engine cannot draw."""
         ...
 
     def advance(self, alphas: Sequence[float]) -> Draw:
@@ -125,6 +127,24 @@ class ParticleEngine(Protocol):
     def close(self) -> None:
         """Release every request's state."""
         ...
+
+
+@dataclass
+class _Joiner:
+    """A request waiting for its prefill: `per` rows on each of `prompts`."""
+
+    prompts: list[list[int]]
+    per: int
+    spec: DrawSpec
+    budget: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.per
+
+    @property
+    def cells(self) -> int:
+        return sum(len(p) for p in self.prompts) + self.budget
 
 
 @dataclass
@@ -172,7 +192,7 @@ class LMParticles:
         self.specs: list[DrawSpec] = []  # per live system, in row order
         self.counts: list[int] = []  # rows per live system
         self.left: list[int] = []  # cells a live system may still write (prompt + budget)
-        self.joining: list[tuple[list[int], int, DrawSpec, int]] = []
+        self.joining: list[_Joiner] = []
         self.failed: dict[int, Exception] = {}  # joiners whose prefill failed
         self.alphas: torch.Tensor | None = None  # per-row exponent of the last draw
 
@@ -184,8 +204,14 @@ class LMParticles:
     def room(self, prompt_len: int, rows: int, budget: int) -> bool:
         return not (self.counts or self.joining) or self.joins_running
 
-    def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int) -> None:
-        self.joining.append(([int(i) for i in prompt], rows, spec, budget))
+    def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int,
+              prefixes: Sequence[Sequence[int]] | None = None) -> None:
+        head = [int(i) for i in prompt]
+        if prefixes is None:
+            self.joining.append(_Joiner([head], rows, spec, budget))
+        else:
+            self.joining.append(_Joiner([head + [int(i) for i in p] for p in prefixes], 1,
+                                        spec, budget))
 
     def advance(self, alphas: Sequence[float]) -> Draw:
         """See `ParticleEngine.advance`; a joining system whose prompt fails to evaluate is
@@ -230,7 +256,7 @@ class LMParticles:
         joining, k = self.joining, 0
         while k < len(joining):
             j = k + 1
-            while j < len(joining) and joining[j][1] == joining[k][1]:
+            while j < len(joining) and joining[j].per == joining[k].per:
                 j += 1
             try:
                 out.append(self._join(joining[k:j], joining[k:]))
@@ -247,24 +273,24 @@ class LMParticles:
         self.joining = []
         return out
 
-    def _join(self, group: list[tuple[list[int], int, DrawSpec, int]],
-              rest: list[tuple[list[int], int, DrawSpec, int]]) -> torch.Tensor:
-        """Prefill one group of joiners (equal rows) and register them; returns their logp."""
-        rows = group[0][1]
-        prompts = [p for p, _, _, _ in group]
-        need = sum(len(p) + b for p, _, _, b in group)
+    def _join(self, group: list[_Joiner], rest: list[_Joiner]) -> torch.Tensor:
+        """Prefill one group of joiners (equal rows per prompt) and register them; returns
+        their logp."""
+        rows = group[0].per
+        prompts = [p for j in group for p in j.prompts]
+        need = sum(j.cells for j in group)
         if not self.segments or not self._fits(need):
-            size = sum(len(p) + b for p, _, _, b in rest) + sum(self.left)
+            size = sum(j.cells for j in rest) + sum(self.left)
             state, logp = self.model.prefill_many(prompts, rows, budget=2 * size)
             self.segments.append(_Segment(state, 0))
         else:
             logp = self.model.extend(self.segments[-1].state, prompts, rows,
-                                     budget=sum(b for _, _, _, b in group))
+                                     budget=sum(j.budget for j in group))
         self.segments[-1].systems += len(group)
-        for prompt, n, spec, budget in group:
-            self.specs.append(spec)
-            self.counts.append(n)
-            self.left.append(len(prompt) + budget)
+        for j in group:
+            self.specs.append(j.spec)
+            self.counts.append(j.rows)
+            self.left.append(j.cells)
         return logp
 
     def _fits(self, need: int) -> bool:

@@ -79,7 +79,8 @@ class VllmParticles:
         """Always: vLLM's own scheduler queues the requests its KV blocks cannot hold."""
         return True
 
-    def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int) -> None:
+    def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int,
+              prefixes: Sequence[Sequence[int]] | None = None) -> None:
         vspec = vp.Spec(top_k=spec.top_k, top_p=spec.top_p)
         tau, greedy = spec.tau, isinstance(spec.proposal, ArgmaxProposal)
         if isinstance(spec.proposal, NucleusProposal):
@@ -93,7 +94,8 @@ class VllmParticles:
         vspec.seed = _seed(spec.generator)
         self.groups.append(_Group(self.lm.group(vspec, exclusive=False), vspec, spec, rows,
                                   1.0 if greedy else tau, greedy))
-        self.seqs += [list(prompt) for _ in range(rows)]
+        self.seqs += ([list(prompt) for _ in range(rows)] if prefixes is None else
+                      [list(prompt) + list(p) for p in prefixes])
         self.reqs += [None] * rows
 
     def _row_groups(self) -> list[_Group]:

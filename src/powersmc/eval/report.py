@@ -90,6 +90,7 @@ def summarize(results: list[dict], methods: list[str]) -> list[dict]:
             "latency_total_ci95": lat.get("total_ci95"),
             "mean_tokens": sum(r["generated_tokens"] for r in rs) / len(rs),
             "mean_token_evals": sum(r["token_evals"] for r in rs) / len(rs),
+            "mean_forward_passes": sum(r.get("forward_passes", 0) for r in rs) / len(rs),
             "mean_seconds": sum(r["seconds"] for r in rs) / len(rs),
             "pass_at_k": passk, "baseline": base,
             "grading_errors": sum(bool(r.get("grading_error")) for r in rs),
@@ -159,9 +160,28 @@ def _failures_table(failed: Sequence[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _reference_table(rows: list[dict], ref: str) -> list[str]:
+    """Every method against the reference: accuracy, compute, and the paired McNemar test."""
+    lines = [f"## Against `{ref}`", "",
+             "Mean token-evals and forward passes per answer, seconds per answer, and the exact "
+             f"McNemar test against `{ref}` on the same problems and seeds.", "",
+             "| Method | Accuracy (%) | Token evals | Forward passes | s / answer | "
+             f"only it right | only {ref} right | McNemar p |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["paired"].get(ref)
+        tail = ("— | — | —" if c is None else
+                f"{c['a_only']} | {c['b_only']} | {c['p_value']:.3g}")
+        lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f} | "
+                     f"{r['mean_token_evals']:.0f} | {r['mean_forward_passes']:.0f} | "
+                     f"{r['mean_seconds']:.2f} | {tail} |")
+    return [*lines, ""]
+
+
 def markdown(rows: list[dict], results: list[dict], title: str,
-             failed: Sequence[dict] = (), batch_prompts: int | None = None) -> str:
+             failed: Sequence[dict] = (), batch_prompts: int | None = None,
+             reference: str | None = None, budget: dict | None = None) -> str:
     lines = [f"# {title}", "",
+             *_budget_note(budget),
              f"Latency is relative to `{rows[0]['baseline']}` decoding in the same run "
              "(median of per-problem ratios; ratio of totals), with 95% paired bootstrap "
              "intervals.", "",
@@ -185,6 +205,8 @@ def markdown(rows: list[dict], results: list[dict], title: str,
             lines.append(f"| {r['method']} | " + " | ".join(
                 _fmt(100 * r["pass_at_k"][k], ".1f") if k in r["pass_at_k"] else "—"
                 for k in ks) + " |")
+    if reference is not None and len(rows) > 1:
+        lines += ["", *_reference_table(rows, reference)]
     if len(rows) > 1:
         lines += ["", *_paired_table(rows)]
     dis = [r for r in results
@@ -201,6 +223,46 @@ def markdown(rows: list[dict], results: list[dict], title: str,
     errors = sum(bool(r.get("grading_error")) for r in results)
     lines += ["", f"Grading exceptions (graded wrong): {errors}", "", *_failures_table(failed)]
     return "\n".join(lines)
+
+
+def _budget_note(budget: dict | None) -> list[str]:
+    if not budget:
+        return []
+    knobs = ", ".join(f"{m}: {k}={v}" for m, kv in budget["knobs"].items()
+                      for k, v in kv.items())
+    return [f"Equal compute (`--budget {budget['particles']}`): each method's knob set for "
+            f"Power-SMC's {budget['target']:.0f} mean token-evals per problem with "
+            f"N = {budget['particles']}, calibrated on {len(budget['problems'])} problems: "
+            f"{knobs}.", ""]
+
+
+def plot_compute(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy against mean token-evals and against seconds per answer, one point per
+    method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, field, label in ((axes[0], "mean_token_evals", "mean token evaluations per answer"),
+                             (axes[1], "mean_seconds", "seconds per answer")):
+        for r in rows:
+            if r["method"].endswith(VOTE):
+                continue
+            lo, hi = r["ci95"]
+            y, x = 100 * r["accuracy"], r[field]
+            ax.errorbar(x, y, yerr=[[max(0.0, y - 100 * lo)], [max(0.0, 100 * hi - y)]],
+                        fmt="o", capsize=4)
+            ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(6, 4))
+        ax.set_xscale("log")
+        ax.set_xlabel(label + " (log scale)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -231,8 +293,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def report(out_dir: str | Path) -> str:
-    """Write report.md, summary.json and accuracy_latency.png into out_dir; return the table."""
+def report(out_dir: str | Path, reference: str | None = None) -> str:
+    """Write report.md, summary.json, accuracy_latency.png and accuracy_compute.png into
+    out_dir; return the table. `reference`: a method every other is tested against (default:
+    smc when it ran)."""
     out = Path(out_dir)
     if not (out / RESULTS).exists():
         raise InputError("DIR", f"a run directory containing {RESULTS}", str(out))
@@ -242,12 +306,19 @@ def report(out_dir: str | Path) -> str:
     failed = _unresolved_failures(out, results)
     cfg = json.loads((out / CONFIG).read_text()) if (out / CONFIG).exists() else {}
     methods = cfg.get("methods") or sorted({r["method"] for r in results})
+    if reference is not None and reference not in methods:
+        raise InputError("--reference", f"one of the run's methods ({', '.join(methods)})",
+                         reference)
+    if reference is None and "smc" in methods:
+        reference = "smc"
     results, methods = with_votes(results, methods)
     rows = summarize(results, methods)
     dataset, model = dataset_label(cfg.get("dataset", out.name)), model_label(cfg.get("model"))
     title = f"{dataset} — {model}, alpha={cfg.get('alpha')}"
-    text = markdown(rows, results, title, failed, cfg.get("batch_prompts"))
+    text = markdown(rows, results, title, failed, cfg.get("batch_prompts"), reference,
+                    cfg.get("budget"))
     (out / "report.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     plot(rows, out / "accuracy_latency.png", title)
+    plot_compute(rows, out / "accuracy_compute.png", title)
     return text

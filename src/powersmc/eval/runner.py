@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from powersmc.backends.protocol import LanguageModel
 from powersmc.errors import InputError
+from powersmc.eval.budget import calibrate, check_budget
 from powersmc.eval.data import Problem
 from powersmc.eval.labels import model_label
+from powersmc.eval.prompts import render
 from powersmc.eval.ray_pool import WorkerPool
 from powersmc.eval.store import CONFIG, RunLog
 from powersmc.eval.units import Settings, plan, run_stream, run_unit
@@ -40,6 +43,24 @@ def _check_config(out: Path, config: dict) -> None:
         cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+def _budget(model: Any, out: Path, config: dict, problems: list[Problem], template: str,
+            budget: int, progress: bool) -> dict:
+    """The run's calibration for `budget`: the recorded one when resuming the same run."""
+    path = out / CONFIG
+    if path.exists():
+        old = json.loads(path.read_text()).get("budget")
+        if old and old.get("particles") == budget:
+            return old
+    if not isinstance(model, LanguageModel):
+        raise InputError("--budget", "an in-process run (its calibration runs here; not with "
+                         "--workers yet)", budget)
+    return calibrate(model, problems, [render(template, p.question) for p in problems],
+                     config["methods"], budget, config["alpha"], config["max_new_tokens"],
+                     config["options"],
+                     progress=(lambda m: print(m, file=sys.stderr)) if progress else
+                     (lambda _: None))
+
+
 def run_eval(
     model: LanguageModel | ModelSpec | WorkerPool,
     problems: list[Problem],
@@ -56,6 +77,7 @@ def run_eval(
     batch_prompts: int = 1,
     workers: int | None = None,
     ray_address: str | None = None,
+    budget: int | None = None,
 ) -> list[dict]:
     """Evaluate `methods` on `problems` for each seed; returns all results (old and new).
 
@@ -63,6 +85,8 @@ def run_eval(
     `workers` = K built by each of K Ray workers (joining the cluster at `ray_address`, else
     starting a local one); or a started `WorkerPool`. Units that fail on every attempt on Ray
     are recorded in failures.jsonl (the in-process path stops at the first exception).
+    `budget` = N: every method's knob set for the token-evals of Power-SMC with N particles
+    (`eval.budget`), calibrated on the first problems (in process) and recorded in the config.
     """
     if ray_address is not None and workers is None:
         raise InputError("ray_address", "set only with workers", ray_address)
@@ -87,8 +111,12 @@ def run_eval(
               "problems": [p.id for p in problems], **(config_extra or {})}
     if batch_prompts > 1:  # absent at 1, so runs made before the option still resume
         config["batch_prompts"] = batch_prompts
+    if budget is not None:
+        check_budget(budget)
+        config["budget"] = _budget(model, out, config, problems, template, budget, progress)
     _check_config(out, config)
-    settings = Settings(alpha, max_new_tokens, options)
+    knobs = config["budget"]["knobs"] if budget is not None else {}
+    settings = Settings(alpha, max_new_tokens, options, knobs)
     with RunLog(out, len(problems) * len(seeds) * len(methods), progress) as log:
         units = plan(problems, methods, seeds, template, batch_prompts, log.done)
         if isinstance(model, WorkerPool):

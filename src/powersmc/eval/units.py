@@ -48,12 +48,14 @@ Key = tuple[str, str, int]  # (problem id, method, seed): one result row
 
 @dataclass(frozen=True)
 class Settings:
-    """What every unit of a run shares: the power exponent, the answer length and the
-    methods' options (`methods.registry.run_method`)."""
+    """What every unit of a run shares: the power exponent, the answer length, the methods'
+    options (`methods.registry.run_method`) and, under `--budget`, each method's own knob
+    (`eval.budget`), which overrides them for that method."""
 
     alpha: float
     max_new_tokens: int
     options: dict[str, Any] = field(default_factory=dict)
+    knobs: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ def run_unit(model: LanguageModel, unit: Unit, settings: Settings) -> list[dict]
     run_seed = derived_seed(unit.seed, unit.problems[0].id)
     start = time.perf_counter()
     res = run_method(unit.method, model, unit.prompts[0], alpha=settings.alpha,
-                     max_new_tokens=settings.max_new_tokens, seed=run_seed, **settings.options)
+                     max_new_tokens=settings.max_new_tokens, seed=run_seed,
+                     **_options(settings, unit.problems[0], unit.method))
     wall = time.perf_counter() - start
     return [_record(model, unit.problems[0], unit.method, unit.seed, run_seed, res, wall)]
 
@@ -133,7 +136,8 @@ def run_stream(model: LanguageModel, units: list[Unit], settings: Settings, in_f
                 run_seed = derived_seed(unit.seed, problem.id)
                 handle = sched.start(method_program(
                     unit.method, model, prompt, alpha=settings.alpha,
-                    max_new_tokens=settings.max_new_tokens, seed=run_seed, **settings.options))
+                    max_new_tokens=settings.max_new_tokens, seed=run_seed,
+                    **_options(settings, problem, unit.method)))
                 live[handle] = (unit, problem, run_seed)
             sched.step()
             for handle in [h for h in live if h.done]:
@@ -143,6 +147,13 @@ def run_stream(model: LanguageModel, units: list[Unit], settings: Settings, in_f
                               res.cost.seconds))
     finally:
         sched.close()
+
+
+def _options(settings: Settings, problem: Problem, method: str) -> dict[str, Any]:
+    """The run's options for `method` (its budget knob included), and the grader's answer key
+    for the methods that pool answers (maj, the consensus and majority selectors)."""
+    return {**settings.options, **settings.knobs.get(method, {}),
+            "key": lambda text: answer_key(text, problem.kind)}
 
 
 def _record(model, problem, method, seed, run_seed, res, seconds) -> dict:

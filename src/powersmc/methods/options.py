@@ -15,10 +15,15 @@ from typing import Any
 
 from powersmc.errors import InputError
 from powersmc.methods.common import check_ess_threshold, check_nonnegative_int, check_positive_int
+from powersmc.methods.mh import check_cut_power
+from powersmc.methods.ppt import check_ladder
+from powersmc.methods.program import check_tau
+from powersmc.methods.selection import check_select
 from powersmc.resampling import get_resampler
 
-SMC = ("smc", "smc-adapted")
-MH = ("mh", "mh-faithful")
+SMC = ("smc", "smc-adapted", "smc-rm", "ccps")
+"""The Power-SMC family: Algorithm 1 with its resampling options."""
+MH = ("mh", "mh-faithful", "ecmh", "ecmh-faithful")
 ORDERS = ("standard", "adapted")
 
 
@@ -38,6 +43,14 @@ def check_resample_align(align: int | str, name: str = "resample_align") -> int 
 def _resampler(name: str, value: str) -> str:
     get_resampler(value)
     return value
+
+
+def _ladder_arg(text: str) -> list[float] | str:
+    """--alphas as the option's value: comma-separated numbers (left as text if not)."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        return text
 
 
 def _align_arg(text: str) -> int | str:
@@ -87,14 +100,16 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("particles", int, 16, (*SMC, "bon"), "SMC particles N (best-of-N: its samples N)",
-           check_positive_int, recorded=True),
+    Option("particles", int, 16, (*SMC, "bon", "maj"),
+           "SMC particles N (best-of-N, maj: their samples N)", check_positive_int,
+           recorded=True),
     Option("ess_threshold", float, 0.5, SMC, "resample when ESS < k*N (0: never)",
            lambda n, v: check_ess_threshold(v), recorded=True),
-    Option("resampler", str, "systematic", SMC,
+    Option("resampler", str, "systematic", ("smc", "smc-adapted", "smc-rm"),
            "systematic, multinomial, stratified, residual or chopthin", _resampler,
            recorded=True),
-    Option("ramp_tokens", int, 0, SMC, "linear alpha-ramp length (0: off)",
+    Option("ramp_tokens", int, 0, ("smc", "smc-adapted", "ccps"),
+           "linear alpha-ramp length (0: off)",
            check_nonnegative_int, recorded=True),
     Option("order", str, "standard", ("smc",),
            "SMC: standard (Algorithm 1) or adapted (resample before the draw)",
@@ -103,12 +118,25 @@ OPTIONS: tuple[Option, ...] = (
            "SMC: resample only where the length is 1 mod B; 'block': the engine's KV block "
            "(vLLM: copies without recomputation); 1: at once (Algorithm 1)",
            lambda n, v: check_resample_align(v, n), parse=_align_arg, served=False),
-    Option("rounds", int, 1, SMC, "SMC: independent particle systems, combined by their "
-           "evidence", check_positive_int, served=False),
+    Option("rounds", int, 1, ("smc", "smc-adapted", "ccps"), "SMC: independent particle "
+           "systems, combined by their evidence", check_positive_int, served=False),
+    Option("select", str, "sample", ("smc", "smc-adapted", "smc-rm", "bon"),
+           "the answer of a particle method: sample (drawn, the paper's), vote (most weight), "
+           "majority (most particles) or consensus (most distinct trajectories, CCPS)",
+           lambda n, v: check_select(v)),
+    Option("rejuvenate_moves", int, 1, ("smc-rm",),
+           "smc-rm: MH moves per particle after each resampling", check_nonnegative_int),
     Option("num_blocks", int, 16, MH, "MH: number of blocks K", check_positive_int,
            flag="--mh-blocks", recorded=True),
-    Option("mh_moves", int, 10, MH, "MH: moves per block M", check_nonnegative_int,
-           recorded=True),
+    Option("mh_moves", int, 10, (*MH, "ppt"), "MH: moves per block M (ppt: rounds per stage)",
+           check_nonnegative_int, recorded=True),
+    Option("cut_power", float, 4.0, ("ecmh", "ecmh-faithful"),
+           "ecmh: exponent beta of the entropy cut law", lambda n, v: check_cut_power(v)),
+    Option("alphas", list, None, ("ppt",), "ppt: the ladder, comma-separated increasing "
+           "exponents >= 1 (default: 4 rungs, geometric from 1 + (alpha-1)/2 to alpha)",
+           lambda n, v: check_ladder(v), parse=_ladder_arg),
+    Option("stage_tokens", int, 192, ("ppt",), "ppt: tokens per stage B",
+           check_positive_int),
     Option("candidates", int, 8, ("spower",), "Ji et al.: top-K candidates K",
            check_positive_int, recorded=True),
     Option("rollouts", int, 8, ("spower",), "Ji et al.: rollouts M per candidate",
@@ -117,6 +145,10 @@ OPTIONS: tuple[Option, ...] = (
            recorded=True),
     Option("bon_samples", int, None, ("bon",), "best-of-N: samples N (default: --particles)",
            check_positive_int, served=False),
+    Option("maj_samples", int, None, ("maj",), "maj: samples N (default: --particles)",
+           check_positive_int),
+    Option("temperature", float, 1.0, ("maj",), "maj: the samples' temperature",
+           lambda n, v: check_tau(v, n), served=False),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 

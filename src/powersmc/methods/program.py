@@ -40,7 +40,10 @@ class Continue:
 
     tau: the proposal's temperature; top_k / top_p: draw from the nucleus of p^(1/tau) (a
     proposal only: log p stays the full model's); greedy: the argmax. keep_logp: also return
-    the next-token log-probs at `ids` (`Rows.first_logp`; engines with log-probs only)."""
+    the next-token log-probs at `ids` (`Rows.first_logp`). zeta_alphas: also record, at every
+    drawn position, zeta_t(a) = log sum_v p(v | prefix)^a for each a (eq. 11; the MH and swap
+    ratios of `methods.mcmc`); entropy: also record the next-token Shannon entropy there.
+    These three need an engine with log-probs (not vLLM)."""
 
     ids: Sequence[int]
     rows: int
@@ -51,18 +54,24 @@ class Continue:
     top_p: float | None = None
     greedy: bool = False
     keep_logp: bool = False
+    zeta_alphas: tuple[float, ...] = ()
+    entropy: bool = False
 
 
 @dataclass
 class Rows:
     """The outcome of a `Continue`: per row the drawn ids (EOS included when drawn), log p of
-    each under the model, log q under the proposal that drew it, and whether it ended in EOS."""
+    each under the model, log q under the proposal that drew it, and whether it ended in EOS;
+    with `Continue.zeta_alphas` / `entropy`, per row and position zeta_t at each of them and
+    the entropy (empty lists otherwise)."""
 
     tokens: list[list[int]]
     logp: list[list[float]]
     logq: list[list[float]]
     finished: list[bool]
     first_logp: torch.Tensor | None = field(default=None, repr=False)
+    zeta: list[list[list[float]]] = field(default_factory=list, repr=False)
+    entropy: list[list[float]] = field(default_factory=list, repr=False)
 
     def log_p(self) -> list[float]:
         """log p of each row's whole continuation."""

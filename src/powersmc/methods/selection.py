@@ -8,6 +8,13 @@
   are compared by `key(text)` (default: the text itself; the evaluation passes the grader's
   extraction and normalisation). Not a draw from pi_alpha: an estimate of its most likely
   answer.
+* select='majority': self-consistency (Wang et al. 2023) over the answers: the answer held by
+  the most particles or samples wins, unweighted (ties: the pool with the highest summed
+  weight, for samples their summed log-likelihood). Not a draw from pi_alpha.
+* select='consensus' (CCPS, arXiv 2609.12243): identical token sequences are merged into one
+  trajectory (one vote, their weights pooled); answers the key judges equal form a cluster; the
+  cluster with the most distinct trajectories wins, ties broken by pooled weight. Particles
+  without an answer do not vote.
 * rounds=R: R independent particle systems on the same prompt. Round r is picked with
   probability Z_hat_r / sum_s Z_hat_s, then its own drawn particle: the answer is drawn with
   probability proportional to Z_hat_r * W_r^i. With Z_hat = (1/R) sum_r Z_hat_r (still unbiased
@@ -26,7 +33,7 @@ import torch
 from powersmc.errors import InputError
 from powersmc.results import Cost, ImportanceResult, Particle, SMCResult
 
-SELECTS = ("sample", "vote")
+SELECTS = ("sample", "vote", "majority", "consensus")
 AnswerKey = Callable[[str], Hashable | None]
 Weighted = TypeVar("Weighted", SMCResult, ImportanceResult)
 TIE_RTOL = 1e-9  # answer totals this close are a tie (sums of the same weights in other orders)
@@ -34,8 +41,9 @@ TIE_RTOL = 1e-9  # answer totals this close are a tie (sums of the same weights 
 
 def check_select(select: str) -> str:
     if select not in SELECTS:
-        raise InputError("select", "'sample' (draw one particle) or 'vote' (weighted vote)",
-                         select)
+        raise InputError("select", "'sample' (draw one particle), 'vote' (weighted vote), "
+                         "'majority' (most answers) or 'consensus' (most distinct "
+                         "trajectories)", select)
     return select
 
 
@@ -77,6 +85,50 @@ def weighted_vote(particles: Sequence[Particle], key: AnswerKey | None = None) -
     return best[winner]
 
 
+def _pools(texts: Sequence[str], key: AnswerKey | None) -> dict[Hashable, list[int]]:
+    """Indices of the answers, pooled by key(text) (answers with no key left out)."""
+    key = key or (lambda text: text)
+    pools: dict[Hashable, list[int]] = {}
+    for i, text in enumerate(texts):
+        k = key(text)
+        if k is not None:
+            pools.setdefault(k, []).append(i)
+    return pools
+
+
+def majority(texts: Sequence[str], scores: Sequence[float],
+             key: AnswerKey | None = None) -> int | None:
+    """Index of an answer of the largest pool (self-consistency): pools by key(text); ties
+    between pools of equal size go to the highest summed score (then the first seen); the
+    returned index is its pool's highest-scoring member. None if no text has an answer."""
+    pools = _pools(texts, key)
+    if not pools:
+        return None
+    def rank(k: Hashable) -> tuple[int, float]:
+        return len(pools[k]), math.fsum(scores[i] for i in pools[k])
+    top = max(pools, key=rank)  # max keeps the first of equal ranks
+    return max(pools[top], key=lambda i: (scores[i], -i))
+
+
+def consensus(particles: Sequence[Particle], key: AnswerKey | None = None) -> int | None:
+    """Index of a particle of the consensus cluster (see the module docstring): the cluster
+    with the most distinct token sequences, ties by pooled normalised weight; the returned
+    particle is the heaviest trajectory of that cluster. None if no particle has an answer."""
+    weights = normalized(particles)
+    merged: dict[tuple[int, ...], tuple[int, float]] = {}  # sequence -> (first index, weight)
+    for i, (p, w) in enumerate(zip(particles, weights, strict=True)):
+        seq = tuple(p.token_ids)
+        first, total = merged.get(seq, (i, 0.0))
+        merged[seq] = (first, total + w)
+    firsts = [first for first, _ in merged.values()]
+    pooled = [w for _, w in merged.values()]
+    pools = _pools([particles[i].text for i in firsts], key)
+    if not pools:
+        return None
+    top = max(pools, key=lambda k: (len(pools[k]), math.fsum(pooled[j] for j in pools[k])))
+    return firsts[max(pools[top], key=lambda j: (pooled[j], -j))]
+
+
 def combine_rounds(rounds: Sequence[SMCResult], generator: torch.Generator) -> SMCResult:
     """R independent Power-SMC results on one prompt as one result (see the module docstring).
 
@@ -114,16 +166,23 @@ def combine_rounds(rounds: Sequence[SMCResult], generator: torch.Generator) -> S
 
 
 def apply_select(result: Weighted, select: str, key: AnswerKey | None = None) -> Weighted:
-    """select='vote': make the voted particle the result's answer (the drawn one stays at
-    stats['chosen_particle']; stats['voted_particle'] is None when no particle has an answer,
-    and the drawn answer is kept)."""
+    """select='vote' / 'majority' / 'consensus': make the selected particle the result's
+    answer (the drawn one stays at stats['chosen_particle']; stats['voted_particle'] is None
+    when no particle has an answer, and the drawn answer is kept)."""
     result.stats["select"] = select
+    if select == "sample":
+        return result
+    parts = result.particles
     if select == "vote":
-        v = weighted_vote(result.particles, key)
-        result.stats["voted_particle"] = v
-        if v is not None:
-            p = result.particles[v]
-            result.text, result.token_ids, result.finished = p.text, p.token_ids, p.finished
+        v = weighted_vote(parts, key)
+    elif select == "majority":
+        v = majority([p.text for p in parts], normalized(parts), key)
+    else:
+        v = consensus(parts, key)
+    result.stats["voted_particle"] = v
+    if v is not None:
+        p = parts[v]
+        result.text, result.token_ids, result.finished = p.text, p.token_ids, p.finished
     return result
 
 

@@ -85,15 +85,18 @@ _DECLARED = ("particles", "ess_threshold", "resampler", "ramp_tokens", "order", 
 @dataclass(frozen=True, eq=False)
 class Particles:
     """A program's request for one Power-SMC system of `options` on `ids`, drawn from
-    `generator` (answered with its `SMCResult`)."""
+    `generator` (answered with its `SMCResult`). pause: the system stops after every
+    resampling that is not its last step and answers with itself, paused (`System.paused`),
+    so that the program can move its particles (`System.move`) and yield it to resume."""
 
     ids: Sequence[int]
     options: Options
     generator: torch.Generator
     seed: int
+    pause: bool = False
 
 
-Request = Continue | Particles
+Request = Continue | Particles  # or a paused `System`, to resume it
 
 
 @dataclass
@@ -133,12 +136,24 @@ class System:
         self.started = 0.0
         self.run: Any = None  # the program it belongs to (set by the scheduler)
         self.align = 1
+        self.pause, self.paused, self.resumed = req.pause, False, False
+        if self.pause:  # per position: log p and zeta_t = a log p - log q (the moves' ratios)
+            self.lp = torch.zeros((n, T), **f64)
+            self.zeta = torch.zeros((n, T), **f64)
 
     # --- what the scheduler needs of every unit -------------------------------------------
 
     @property
     def n(self) -> int:
-        return self.o.n
+        """The rows it joins the batch with: N, or its live particles when resumed."""
+        return int(self.alive.size) if self.resumed else self.o.n
+
+    def prefixes(self) -> list[list[int]] | None:
+        """Each row's tokens after the prompt when it joins (a resumed system's particles)."""
+        if not self.resumed:
+            return None
+        rows = self.tokens[torch.from_numpy(self.alive).to(self.tokens.device), : self.t]
+        return rows.tolist()
 
     @property
     def rows(self) -> int:
@@ -146,7 +161,7 @@ class System:
 
     @property
     def budget(self) -> int:
-        return self.o.n * self.o.T
+        return self.n * (self.o.T - self.t)
 
     def spec(self, fork_block: int) -> DrawSpec:
         o = self.o
@@ -169,6 +184,9 @@ class System:
         flat_w.index_add_(0, self.alive_dev, draw.incr)  # eq. 8
         self.log_p_seq.index_add_(0, self.alive_dev, draw.logp)
         self.tokens[self.alive_dev, t - 1] = draw.tokens
+        if self.pause:
+            self.lp[self.alive_dev, t - 1] = draw.logp
+            self.zeta[self.alive_dev, t - 1] = draw.incr
         self.lengths[self.alive_dev] = t
         self.finished[self.alive_dev] = torch.isin(draw.tokens, self.eos)
         self.logzt_hist.append(draw.log_z.mean())  # eq. 13, mean over live particles
@@ -200,6 +218,8 @@ class System:
                 a = self.ancestors
                 self.tokens, self.log_p_seq = self.tokens[a], self.log_p_seq[a]
                 self.lengths, self.finished = self.lengths[a], self.finished[a]
+                if self.pause:
+                    self.lp, self.zeta = self.lp[a], self.zeta[a]
                 if self.post_w is None:  # equally weighted after resampling (line 20)
                     self.log_w.zero_()
                 else:  # chopthin: its weights, on the scale of the mean reset into log_z
@@ -217,6 +237,9 @@ class System:
         index = row_of[source[new_alive]] + row0
         self.alive = new_alive
         self.alive_dev = torch.from_numpy(new_alive).to(self.tokens.device)
+        if self.pause and fired:  # leave the batch; the program moves the particles
+            self.paused = True
+            return np.zeros(0, dtype=np.int64), None
         self.cost.add_step(int(new_alive.size))
         return index, None if last is None else last[self.alive_dev]
 
@@ -252,8 +275,41 @@ class System:
             fin[again] = done.cpu().numpy()
         return fin, self.tokens[:, t - 1]
 
-    def outcome(self, model: LanguageModel) -> SMCResult:
-        """The end of Algorithm 1 (lines 21-23): final bridge, evidence, one particle drawn."""
+    # --- a paused system: its particles, moved, and resumed ----------------------------------
+
+    def particle(self, i: int) -> tuple[list[int], list[float], list[float], bool]:
+        """Particle i's tokens, log p and zeta_t of each, and whether it ended in EOS."""
+        n = int(self.lengths[i])
+        return (self.tokens[i, :n].tolist(), self.lp[i, :n].tolist(),
+                self.zeta[i, :n].tolist(), bool(self.finished[i]))
+
+    def move(self, i: int, r: int, tokens: Sequence[int], lp: Sequence[float],
+             zeta: Sequence[float], finished: bool) -> None:
+        """Particle i keeps its first r tokens and continues with `tokens` (a move accepted
+        by the program's MH kernel); its weight is unchanged (resample-move)."""
+        n = r + len(tokens)
+        dev = self.tokens.device
+        self.tokens[i, r:n] = torch.tensor(tokens, dtype=torch.long, device=dev)
+        self.lp[i, r:n] = torch.tensor(lp, dtype=torch.float64, device=dev)
+        self.zeta[i, r:n] = torch.tensor(zeta, dtype=torch.float64, device=dev)
+        self.lengths[i], self.finished[i] = n, finished
+        self.log_p_seq[i] = self.lp[i, :n].sum()
+
+    def resume(self) -> bool:
+        """Rejoin the batch with its live particles after `move`s: False when none is live
+        (the program then takes `outcome` at once)."""
+        self.alive = np.flatnonzero(~self.finished.cpu().numpy())
+        self.alive_dev = torch.from_numpy(self.alive).to(self.tokens.device)
+        self.paused, self.resumed = False, True
+        self.cost = Cost(forward_passes=1,
+                         prefill_tokens=(len(self.ids) + self.t) * int(self.alive.size))
+        return self.alive.size > 0
+
+    def outcome(self, model: LanguageModel) -> SMCResult | System:
+        """The end of Algorithm 1 (lines 21-23): final bridge, evidence, one particle drawn;
+        or, paused, the system itself."""
+        if self.paused:
+            return self
         o = self.o
         if self.alpha_prev != o.alpha:  # the ramp had not finished: bridge the rest of the way
             self.log_w.view(-1).add_((o.alpha - self.alpha_prev) * self.log_p_seq)

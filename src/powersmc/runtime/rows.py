@@ -22,6 +22,7 @@ from powersmc.backends.particles import Draw, DrawSpec, ParticleEngine
 from powersmc.methods.program import Continue, Rows
 from powersmc.proposals import ArgmaxProposal, NucleusProposal
 from powersmc.results import Cost
+from powersmc.weights import log_power_normalizer, shannon_entropy
 
 
 @dataclass
@@ -46,6 +47,9 @@ class RowGroup:
         self.alive_dev = torch.from_numpy(self.alive).to(dev)
         self.t = 0
         self.first_logp: torch.Tensor | None = None
+        a = len(req.zeta_alphas)
+        self.zeta = torch.zeros((n, k, a), dtype=torch.float64, device=dev)
+        self.ent = torch.zeros((n, k if req.entropy else 0), dtype=torch.float64, device=dev)
         self.cost = Cost(forward_passes=1, prefill_tokens=len(self.ids))
         self.started = 0.0
         self.run: Any = None  # the program it belongs to (set by the scheduler)
@@ -61,6 +65,9 @@ class RowGroup:
     @property
     def budget(self) -> int:
         return self.req.rows * self.req.max_tokens
+
+    def prefixes(self) -> None:
+        return None
 
     def spec(self, fork_block: int) -> DrawSpec:
         r = self.req
@@ -83,6 +90,12 @@ class RowGroup:
         self.lp[live, t] = draw.logp
         self.lq[live, t] = alpha * draw.logp - draw.incr
         self.lengths[live] = t + 1
+        if self.req.zeta_alphas or self.req.entropy:
+            logp = engine.logprobs(row0, row0 + self.rows)
+            for j, a in enumerate(self.req.zeta_alphas):
+                self.zeta[live, t, j] = log_power_normalizer(logp, a)
+            if self.req.entropy:
+                self.ent[live, t] = shannon_entropy(logp)
         done = torch.isin(draw.tokens, self.eos)
         self.finished[live] = done
         return Ended(done)
@@ -104,5 +117,9 @@ class RowGroup:
         cut = [row[:n] for row, n in zip(self.tokens.tolist(), lens, strict=True)]
         lp = [row[:n] for row, n in zip(self.lp.tolist(), lens, strict=True)]
         lq = [row[:n] for row, n in zip(self.lq.tolist(), lens, strict=True)]
+        zeta = ([row[:n] for row, n in zip(self.zeta.tolist(), lens, strict=True)]
+                if self.req.zeta_alphas else [])
+        ent = ([row[:n] for row, n in zip(self.ent.tolist(), lens, strict=True)]
+               if self.req.entropy else [])
         self.cost.seconds = time.perf_counter() - self.started
-        return Rows(cut, lp, lq, self.finished.tolist(), self.first_logp)
+        return Rows(cut, lp, lq, self.finished.tolist(), self.first_logp, zeta, ent)

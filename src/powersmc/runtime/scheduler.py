@@ -220,7 +220,7 @@ class Scheduler:
                     continue
                 try:
                     self.engine.admit(u.ids, u.n, u.spec(self.engine.fork_block),
-                                      budget=u.budget)
+                                      budget=u.budget, prefixes=u.prefixes())
                 except Exception as exc:  # noqa: BLE001 - e.g. an option this engine refuses
                     self._finish(run, exc)
                     continue

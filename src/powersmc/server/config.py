@@ -31,7 +31,7 @@ class ServerConfig:
 
     defaults: per-request sampling options used when a request leaves them out, in the
         samplers' own names (method, alpha, max_tokens and every served option of
-        `methods.options`).
+        `methods.options`); those left out here take `default_settings()`.
     max_particles: cap on `particles` (and on candidates x rollouts for spower): one request
         may not ask for an arbitrarily large batch.
     max_tokens_limit: cap on `max_tokens` on top of the model's context check.
@@ -61,8 +61,9 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        """Check the settings once, with the same messages the samplers use."""
-        d = self.defaults
+        """Check the settings once, with the same messages the samplers use; settings left
+        out of `defaults` take their default."""
+        d = self.defaults = default_settings() | self.defaults
         check_method(d["method"])
         common.check_alpha(d["alpha"])
         common.check_positive_int("max_tokens", d["max_tokens"])

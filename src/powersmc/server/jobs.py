@@ -12,13 +12,14 @@ from typing import Any
 
 from powersmc.errors import InputError
 from powersmc.methods import common
-from powersmc.methods.registry import check_method
+from powersmc.methods.registry import check_method, check_select_for
 from powersmc.server.config import SERVED, ServerConfig
 from powersmc.server.errors import APIError, from_input_error
 from powersmc.server.schemas import ChatRequest, CompletionRequest
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
-MAX_MH_MOVES = 100  # MH moves per block: each regenerates a suffix
+MAX_MH_MOVES = 100  # MH moves per block (PPT rounds, rejuvenation moves): each regenerates
+MAX_RUNGS = 16  # PPT replicas: each is a row of every move
 # alpha beyond this is greedy decoding to float precision; a finite alpha near float32's max
 # (3.4e38) overflows inside the samplers
 MAX_ALPHA = 1000.0
@@ -48,18 +49,6 @@ class Job:
     def systems(self) -> int:
         """Independent answers to draw: for SMC, particle systems in the batch."""
         return len(self.prompts) * self.n
-
-    @property
-    def batch_key(self) -> tuple | None:
-        """Jobs with equal keys may share one `smc_sample_many` batch; None runs alone.
-
-        Only unseeded SMC jobs batch: a batch is driven by one generator, so a seeded job
-        runs alone to be reproducible (its answer is then that of `smc_sample_many` on its
-        own prompts with its seed).
-        """
-        if self.method != "smc" or self.seed is not None:
-            return None
-        return (self.alpha, self.max_tokens, tuple(sorted(self.options.items())))
 
 
 def _check(fn, *args):
@@ -93,9 +82,14 @@ def _neutral(req: CompletionRequest | ChatRequest) -> None:
 
 
 def _sampling_controls(req, method: str) -> dict[str, Any]:
-    """temperature / top_p / top_k: options of plain sampling; for every other method they
-    would change the target distribution, so anything but their neutral value is refused."""
+    """temperature / top_p / top_k: options of plain sampling (temperature also of 'maj',
+    self-consistency's samples); for every other method they would change the target
+    distribution, so anything but their neutral value is refused."""
     t, p, k = req.temperature, req.top_p, req.top_k
+    if method == "maj" and (p in (None, 1) and k is None):
+        if t is not None and not (math.isfinite(t) and 0 < t <= 2):
+            raise _bad("temperature", f"a number in (0, 2] for maj (got {t!r})")
+        return {"temperature": 1.0 if t is None else float(t)}
     if method != "plain":
         for name, value, neutral in (("temperature", t, 1), ("top_p", p, 1), ("top_k", k, None)):
             if value is not None and value != neutral:
@@ -122,10 +116,16 @@ def _method_options(req, cfg: ServerConfig, method: str) -> dict[str, Any]:
     if val["particles"] > cfg.max_particles:
         raise _bad("particles", f"at most {cfg.max_particles} on this server (--max-particles)"
                    f" (got {val['particles']})")
+    if req.select is not None:
+        _check(check_select_for, [method], req.select)
     for name, cap in (("num_blocks", cfg.max_tokens_limit), ("horizon", cfg.max_tokens_limit),
-                      ("mh_moves", MAX_MH_MOVES), ("ramp_tokens", MAX_RAMP)):
-        if val[name] > cap:  # each unit is whole decodes: bound one request's work
+                      ("mh_moves", MAX_MH_MOVES), ("ramp_tokens", MAX_RAMP),
+                      ("rejuvenate_moves", MAX_MH_MOVES), ("maj_samples", cfg.max_particles)):
+        if val[name] is not None and val[name] > cap:  # bound one request's work
             raise _bad(name, f"at most {cap} on this server (got {val[name]})")
+    if val["alphas"] is not None and len(val["alphas"]) > MAX_RUNGS:
+        raise _bad("alphas", f"at most {MAX_RUNGS} rungs on this server (got "
+                   f"{len(val['alphas'])})")
     if val["candidates"] * val["rollouts"] > cfg.max_particles:
         # name the field the request set (rollouts if both or neither)
         name = "candidates" if req.candidates is not None and req.rollouts is None \
