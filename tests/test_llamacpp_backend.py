@@ -112,6 +112,32 @@ def test_several_prompts_in_one_context_match_recompute(llama_lm):
     assert torch.allclose(logp, _from_scratch(lm, seqs), atol=ATOL)
 
 
+def test_a_joining_prompt_shares_a_live_rows_prefix_and_matches_recompute(llama_lm):
+    """A request whose prompt starts as a live row's (a program continuing its own prompt and
+    kept prefix: MH moves, PPT rungs, rollouts) copies that row's cells for the common part and
+    evaluates only the rest; its rows then step exactly as a fresh prefill's."""
+    lm = llama_lm
+    prompt = lm.encode_prompt("Name three prime numbers larger than ten and say why each is "
+                              "prime, then add them up.")
+    state, logp = lm.prefill_many([prompt], 2, budget=64)
+    seqs = [list(prompt) for _ in range(2)]
+    logp = sample_steps(lm, state, logp, seqs, 3, torch.Generator().manual_seed(1))
+    ctx = state.seqs.ctx
+    kept = list(prompt) + [seqs[0][len(prompt)], 7, 9]  # a live row's prompt, then new tokens
+    other = lm.encode_prompt("Hi.")
+    before = ctx.written
+    new = lm.extend(state, [kept, other], 1)
+    common = next(i for i, (a, b) in enumerate(zip(other, prompt, strict=False)) if a != b)
+    assert common > 0  # the chat template's system prompt
+    # the shared prompt was not evaluated again; of the other, only what differs
+    assert ctx.written - before == 3 + len(other) - common
+    assert torch.allclose(new, _from_scratch(lm, [kept, other]), atol=ATOL)
+    seqs += [kept, list(other)]
+    step = lm.step(state, torch.tensor([11, 12, 13, 14]))
+    seqs = [s + [t] for s, t in zip(seqs, [11, 12, 13, 14], strict=True)]
+    assert torch.allclose(step, _from_scratch(lm, seqs), atol=ATOL)
+
+
 def test_steps_wider_than_one_decode_match_recompute(llama_lm):
     """A step over more rows than one llama_decode takes (`DECODE_ROWS`) is fed in several
     decodes: every row's log-probs still equal a from-scratch evaluation, after a reorder

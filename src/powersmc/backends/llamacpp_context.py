@@ -155,11 +155,13 @@ def release_seqs(seqs: Seqs) -> None:
 
 @dataclass
 class LlamaState:
-    """Rows of a batch: each row's sequence id, next position, and prompt length."""
+    """Rows of a batch: each row's sequence id, next position, prompt length and prompt (the
+    token ids it was admitted with: a later prompt that starts the same way shares its cells)."""
 
     seqs: Seqs
     pos: np.ndarray
     prompt_len: np.ndarray
+    heads: list[tuple[int, ...]]
 
     @property
     def rows(self) -> int:

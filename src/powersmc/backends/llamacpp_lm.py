@@ -272,17 +272,23 @@ class LlamaCppLM:
         extra = budget if budget is not None else len(prompts) * (self.max_context or 4096)
         ctx = self._context(self.n_ctx or max(total + extra + 256, MIN_CELLS))
         seqs = Seqs(ctx, ctx.take(len(prompts) * rows))
-        state = LlamaState(seqs, np.zeros(seqs.ids.size, dtype=np.int32),
-                           np.repeat([len(p) for p in prompts], rows).astype(np.int32))
+        state = _state(seqs, prompts, rows)
         weakref.finalize(state, release_seqs, seqs)
-        return state, self._prompts(ctx, state, prompts, rows)
+        return state, self._prompts(ctx, state, prompts, rows, None)
 
     def _prompts(self, ctx: Context, state: LlamaState, prompts: Sequence[Sequence[int]],
-                 rows: int) -> torch.Tensor:
+                 rows: int, donors: LlamaState | None) -> torch.Tensor:
         """Evaluate each prompt once under its first row's sequence and share its cells with
-        its other rows; returns every row's next-token logprobs."""
+        its other rows; returns every row's next-token logprobs. A prompt that starts as the
+        prompt of a row of `donors` (or of an earlier prompt here) shares that row's cells for
+        the common part, all but its last token, and evaluates only the rest (prefix sharing:
+        a program's requests continue the same prompt again and again)."""
         seqs = state.seqs
         first = seqs.ids[::rows]
+        known: dict[tuple[int, ...], int] = {}  # a distinct prompt -> a sequence holding it
+        if donors is not None:
+            for head, seq in zip(donors.heads, donors.seqs.ids.tolist(), strict=True):
+                known.setdefault(head, seq)
         chunk = self._batch.capacity
         last = np.zeros((len(prompts), self.vocab_size), dtype=np.float32)
         # One prompt per llama_decode (in chunks of `chunk` tokens), logits at its last token:
@@ -291,7 +297,11 @@ class LlamaCppLM:
         b = self._batch
         for p, (prompt, seq) in enumerate(zip(prompts, first.tolist(), strict=True)):
             ids = np.asarray(prompt, dtype=np.int32)
-            for lo in range(0, ids.size, chunk):
+            start, src = _shared(known, state.heads[p * rows])
+            if start:
+                ctx.copy(src, seq, start)
+            known.setdefault(state.heads[p * rows], seq)
+            for lo in range(start, ids.size, chunk):
                 n = min(chunk, ids.size - lo)
                 b.token[:n], b.pos[:n] = ids[lo : lo + n], np.arange(lo, lo + n)
                 b.seq[:n], b.n_seq[:n], b.logits[:n] = seq, 1, 0
@@ -313,13 +323,12 @@ class LlamaCppLM:
         the batch: `runtime.scheduler`); returns the new rows' next-token logprobs. The caller
         keeps the context's cells within `capacity` (`budget` is not used here)."""
         ctx = state.seqs.ctx
-        new = LlamaState(Seqs(ctx, ctx.take(len(prompts) * rows)),
-                         np.zeros(len(prompts) * rows, dtype=np.int32),
-                         np.repeat([len(p) for p in prompts], rows).astype(np.int32))
-        logp = self._prompts(ctx, new, prompts, rows)
+        new = _state(Seqs(ctx, ctx.take(len(prompts) * rows)), prompts, rows)
+        logp = self._prompts(ctx, new, prompts, rows, state)
         state.seqs.ids = np.concatenate([state.seqs.ids, new.seqs.ids])
         state.pos = np.concatenate([state.pos, new.pos])
         state.prompt_len = np.concatenate([state.prompt_len, new.prompt_len])
+        state.heads = state.heads + new.heads
         new.seqs.ids = new.seqs.ids[:0]  # now held by `state`
         return logp
 
@@ -385,6 +394,7 @@ class LlamaCppLM:
         new[repeat] = fresh
         state.seqs.ids = new
         state.pos, state.prompt_len = state.pos[idx], state.prompt_len[idx]
+        state.heads = [state.heads[i] for i in idx.tolist()]
 
     def fork(self, state: LlamaState, keep: int | None = None) -> LlamaState:
         ctx = state.seqs.ctx
@@ -393,7 +403,7 @@ class LlamaCppLM:
         for src, dst, p1 in zip(state.seqs.ids.tolist(), seqs.ids.tolist(), end.tolist(),
                                 strict=True):
             ctx.copy(src, dst, p1)
-        out = LlamaState(seqs, end.astype(np.int32), state.prompt_len.copy())
+        out = LlamaState(seqs, end.astype(np.int32), state.prompt_len.copy(), list(state.heads))
         weakref.finalize(out, release_seqs, seqs)
         return out
 
@@ -450,3 +460,27 @@ def _gguf_architecture(path: Path) -> str | None:
         return bytes(field.parts[field.data[0]]).decode() if field else None
     except Exception:  # noqa: BLE001 - any unreadable file: report no architecture
         return None
+
+
+def _state(seqs: Seqs, prompts: Sequence[Sequence[int]], rows: int) -> LlamaState:
+    """A state of `rows` rows per prompt, nothing evaluated yet."""
+    heads = [tuple(int(i) for i in p) for p in prompts]
+    return LlamaState(seqs, np.zeros(seqs.ids.size, dtype=np.int32),
+                      np.repeat([len(p) for p in prompts], rows).astype(np.int32),
+                      [h for h in heads for _ in range(rows)])
+
+
+def _shared(known: dict[tuple[int, ...], int], prompt: tuple[int, ...]) -> tuple[int, int]:
+    """The longest prefix of `prompt`, all but its last token, that a known sequence holds:
+    (its length, that sequence); (0, -1) if none."""
+    best, src = 0, -1
+    for head, seq in known.items():
+        n = min(len(head), len(prompt) - 1)
+        if n <= best:
+            continue
+        a, b = np.asarray(head[:n]), np.asarray(prompt[:n])
+        diff = np.flatnonzero(a != b)
+        k = int(diff[0]) if diff.size else n
+        if k > best:
+            best, src = k, seq
+    return best, src
