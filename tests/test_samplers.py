@@ -325,3 +325,24 @@ def test_select_needs_several_answers():
         with pytest.raises(InputError) as e:
             check_select_for(["mh", "ppt"], select)
         assert e.value.argument == "select"
+
+
+def test_trace_draws_each_family(tmp_path):
+    """`--trace`: ESS and resampling (SMC family), acceptance per block (MH family), swap and
+    move acceptance (PPT); a method with nothing to draw is refused, naming --trace."""
+    from powersmc import InputError
+    from powersmc.trace import check_trace, plot_trace
+    lm = trap_lm()
+    for method, opts in (("smc-rm", {"particles": 4, "ess_threshold": 0.9}),
+                         ("ecmh", {"num_blocks": 2, "mh_moves": 3}),
+                         ("ppt", {"stage_tokens": 2, "mh_moves": 2})):
+        check_trace(method)
+        (r,) = run_programs(lm, [method_program(method, lm, PROMPT, alpha=ALPHA,
+                                                max_new_tokens=4, seed=0, **opts)])
+        path = tmp_path / f"{method}.png"
+        plot_trace(r, path)
+        assert path.read_bytes()[:4] == b"\x89PNG"
+    assert len(r.stats["swap_acceptance"]) == 3  # the default ladder's 3 pairs
+    with pytest.raises(InputError) as e:
+        check_trace("maj")
+    assert e.value.argument == "--trace"

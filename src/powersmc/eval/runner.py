@@ -44,8 +44,9 @@ def _check_config(out: Path, config: dict) -> None:
 
 
 def _budget(model: Any, out: Path, config: dict, problems: list[Problem], template: str,
-            budget: int, progress: bool) -> dict:
-    """The run's calibration for `budget`: the recorded one when resuming the same run."""
+            budget: int) -> dict:
+    """The run's calibration for `budget`: the recorded one when resuming the same run (its
+    measurements are logged on stderr)."""
     path = out / CONFIG
     if path.exists():
         old = json.loads(path.read_text()).get("budget")
@@ -56,9 +57,7 @@ def _budget(model: Any, out: Path, config: dict, problems: list[Problem], templa
                          "--workers yet)", budget)
     return calibrate(model, problems, [render(template, p.question) for p in problems],
                      config["methods"], budget, config["alpha"], config["max_new_tokens"],
-                     config["options"],
-                     progress=(lambda m: print(m, file=sys.stderr)) if progress else
-                     (lambda _: None))
+                     config["options"], progress=lambda m: print(m, file=sys.stderr))
 
 
 def run_eval(
@@ -113,7 +112,7 @@ def run_eval(
         config["batch_prompts"] = batch_prompts
     if budget is not None:
         check_budget(budget)
-        config["budget"] = _budget(model, out, config, problems, template, budget, progress)
+        config["budget"] = _budget(model, out, config, problems, template, budget)
     _check_config(out, config)
     knobs = config["budget"]["knobs"] if budget is not None else {}
     settings = Settings(alpha, max_new_tokens, options, knobs)
