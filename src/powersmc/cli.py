@@ -40,7 +40,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="vllm: KV cache size in GiB (default: 2 on CPU)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--weights", default="auto",
-                   help="llama.cpp: auto (F16 copy for small Q4_1/Q5_1 files), file or f16")
+                   help="llama.cpp: auto (F16 copy for small Q4_1/Q5_1 files), file, f16, bf16 "
+                   "or q8_0 (a copy in that type, written once)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (transformers)")
     g.add_argument("--cache", default="auto", choices=("auto", "static", "dynamic"),

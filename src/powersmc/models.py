@@ -154,7 +154,7 @@ def load_model(
     dtype: Transformers only: 'float32' (default on CPU), 'bfloat16' (default on CUDA), 'float16'.
     chat: use the model's chat template for text prompts (default: if it has one).
     threads: CPU threads (default: all cores).
-    weights: llama.cpp only: 'auto', 'file' or 'f16' (see `LlamaCppLM`).
+    weights: llama.cpp only: 'auto', 'file', 'f16', 'bf16' or 'q8_0' (see `LlamaCppLM`).
     engine: vLLM only: engine settings (`VllmLM`: kv_cache_gib, block_size, max_num_seqs,
         max_num_batched_tokens, max_model_len, load_format).
     cache: Transformers only: 'auto' (a preallocated static KV cache for Llama / Qwen2-family

@@ -46,7 +46,8 @@ from powersmc.backends.llamacpp_context import (
 from powersmc.backends.protocol import END_TOKENS
 from powersmc.errors import InputError
 
-WEIGHTS = ("auto", "file", "f16")
+COPIES = {"f16": 1, "q8_0": 7, "bf16": 32}  # llama_ftype of each copy (llama.h)
+WEIGHTS = ("auto", "file", *COPIES)
 NO_GEMM_FTYPES = (3, 9)  # LLAMA_FTYPE_MOSTLY_Q4_1, _Q5_1: no batched CPU matmul kernel
 MIN_CELLS = 4096
 # Most rows per llama_decode of a step. llama.cpp's CPU attention over a decode of 64 or more
@@ -70,8 +71,9 @@ class LlamaCppLM:
         gpu_layers: layers to offload when llama-cpp-python was built with a GPU backend
             (-1: all).
         name: the model's name in reports (default: the GGUF's general.name).
-        weights: 'file' runs the GGUF's own tensor types; 'f16' runs an F16 copy (written
-            once to the cache, POWERSMC_CACHE or ~/.cache/powersmc); 'auto' (default) takes
+        weights: 'file' runs the GGUF's own tensor types; 'f16', 'bf16' or 'q8_0' runs a
+            copy in that type (written once to the cache, POWERSMC_CACHE or
+            ~/.cache/powersmc, by llama.cpp's own quantizer); 'auto' (default) takes
             the F16 copy for a CPU model of at most 1B parameters stored as Q4_1 or Q5_1:
             llama.cpp has no batched (GEMM) CPU kernel for those two types, so a step over
             N rows costs about N single-row steps, while F16 batches (the default model,
@@ -107,12 +109,12 @@ class LlamaCppLM:
         self.model = self._load(self.path, gpu_layers)
         ftype = int(self._meta("general.file_type") or -1)
         small = ll.llama_model_n_params(self.model) <= 1_000_000_000 and gpu_layers == 0
-        self.weights = "f16" if weights == "f16" or (
+        self.weights = weights if weights in COPIES else "f16" if (
             weights == "auto" and ftype in NO_GEMM_FTYPES and small) else "file"
-        if self.weights == "f16":
-            f16 = _f16_copy(ll, self.path)
+        if self.weights in COPIES:
+            copy = _copy(ll, self.path, self.weights)
             ll.llama_model_free(self.model)
-            self.model = self._load(f16, gpu_layers)
+            self.model = self._load(copy, gpu_layers)
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.vocab_size = int(ll.llama_vocab_n_tokens(self.vocab))
         self.device = torch.device("cpu")
@@ -431,22 +433,23 @@ class LlamaCppLM:
         return out
 
 
-def _f16_copy(ll, path: Path) -> Path:
-    """An F16 copy of a GGUF file in the cache (written once, atomically; about 1 s for 135M
-    parameters), keyed by the source's name, size and modification time."""
+def _copy(ll, path: Path, kind: str) -> Path:
+    """A copy of a GGUF file with its weights in `kind` (f16, bf16, q8_0), in the cache
+    (written once, atomically, by llama_model_quantize; about 1 s for 135M parameters), keyed
+    by the source's content (`cache_key`)."""
     cache = cache_dir()
-    dst = cache / f"{cache_key(path)}-f16.gguf"
+    dst = cache / f"{cache_key(path)}-{kind}.gguf"
     if dst.is_file():
         return dst
     cache.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_suffix(f".tmp{os.getpid()}")
     params = ll.llama_model_quantize_default_params()
-    params.ftype = 1  # LLAMA_FTYPE_MOSTLY_F16
+    params.ftype = COPIES[kind]
     params.allow_requantize = True
     params.nthread = os.cpu_count() or 1
     if ll.llama_model_quantize(str(path).encode(), str(tmp).encode(), ctypes.byref(params)):
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama.cpp could not write an F16 copy of {path} to {cache}")
+        raise RuntimeError(f"llama.cpp could not write a {kind} copy of {path} to {cache}")
     os.replace(tmp, dst)
     return dst
 
