@@ -14,7 +14,7 @@ from powersmc.methods.mh import mh_program
 from powersmc.methods.program import Continue
 from powersmc.methods.spower import power_conditional
 from powersmc.results import SampleResult
-from powersmc.runtime.api import run_program, run_programs
+from powersmc.runtime.api import run_method, run_program, run_programs
 
 ALPHA = 4.0
 
@@ -158,6 +158,9 @@ def test_every_method_runs_on_default_model(default_lm):
         scalable_power_sample(default_lm, q, max_new_tokens=4, candidates=3, rollouts=2, horizon=3,
                               seed=0),
         bon_sample(default_lm, q, num_samples=3, max_new_tokens=12, seed=0),
+        *(run_method(m, default_lm, q, alpha=4.0, max_new_tokens=12, seed=0, particles=4,
+                     ess_threshold=0.9, num_blocks=2, mh_moves=2, stage_tokens=6)
+          for m in ("maj", "smc-rm", "ccps", "ppt", "ecmh")),
     ]
     for r in runs:
         assert r.token_ids and r.cost.seconds > 0 and r.cost.token_evals > 0

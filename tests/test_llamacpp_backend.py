@@ -205,9 +205,10 @@ def test_seeded_runs_are_bit_reproducible(llama_lm):
 
 
 @pytest.mark.parametrize("method", ["plain", "lowtemp", "greedy", "mh", "mh-faithful", "spower",
-                                    "smc"])
+                                    "smc", "maj", "smc-rm", "ccps", "ppt", "ecmh"])
 def test_every_method_runs_and_reproduces(llama_lm, method):
-    opts = dict(particles=4, num_blocks=2, mh_moves=2, candidates=3, rollouts=2, horizon=3)
+    opts = dict(particles=4, num_blocks=2, mh_moves=2, candidates=3, rollouts=2, horizon=3,
+                stage_tokens=5, ess_threshold=0.9)
     runs = [run_method(method, llama_lm, "What is 3 + 4?", alpha=4.0, max_new_tokens=10,
                        seed=5, **opts) for _ in range(2)]
     assert runs[0].token_ids == runs[1].token_ids and runs[0].text == runs[1].text
