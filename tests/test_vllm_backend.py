@@ -25,7 +25,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install '.
 
 from powersmc import InputError, load_model, smc_sample  # noqa: E402
 from powersmc.backends.convert import hf_directory  # noqa: E402
-from powersmc.backends.particles import DrawSpec  # noqa: E402
+from powersmc.backends.engine import DrawSpec  # noqa: E402
 from powersmc.models import default_gguf_path  # noqa: E402
 
 pytestmark = pytest.mark.vllm

@@ -37,7 +37,7 @@ import torch
 from torch.profiler import record_function
 
 from powersmc.backends import vllm_processor as vp
-from powersmc.backends.particles import Draw, DrawSpec
+from powersmc.backends.engine import Draw, DrawSpec
 from powersmc.errors import InputError
 from powersmc.proposals import ArgmaxProposal, NucleusProposal
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from powersmc.backends.particles import Draw, DrawSpec, ParticleEngine
+from powersmc.backends.engine import Draw, DrawSpec, ParticleEngine
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import DegenerateWeightsError, InputError
 from powersmc.methods.common import check_alpha, check_positive_int, encode_prompt, make_generator

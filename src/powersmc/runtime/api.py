@@ -3,7 +3,7 @@
 Power-SMC (Algorithm 1): N particles in one batched decode, exact weights, ESS resampling.
 Algorithm 1 is written once, per particle system, in `methods.system`; the `Scheduler` runs any
 number of systems (and every other method's programs) in one batch that re-forms at every
-token; it drives a `ParticleEngine` (`backends.particles`) that draws one token per live row
+token; it drives a `ParticleEngine` (`backends.engine`) that draws one token per live row
 and applies ancestor indices. Backends that return log-probabilities (Transformers, llama.cpp,
 toy models) are served by `LMParticles`; an engine that samples tokens itself (vLLM)
 implements the interface natively.

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from powersmc.backends.particles import Draw, DrawSpec, ParticleEngine
+from powersmc.backends.engine import Draw, DrawSpec, ParticleEngine
 from powersmc.backends.protocol import LanguageModel
 from powersmc.methods.program import Continue, Program
 from powersmc.methods.system import System

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from powersmc.backends.particles import Draw, DrawSpec, ParticleEngine
+from powersmc.backends.engine import Draw, DrawSpec, ParticleEngine
 from powersmc.methods.program import Continue, Rows
 from powersmc.proposals import ArgmaxProposal, NucleusProposal
 from powersmc.results import Cost

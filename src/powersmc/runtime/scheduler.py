@@ -25,7 +25,8 @@ import torch
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from powersmc.backends.particles import Draw, particle_engine
+from powersmc.backends.engine import Draw
+from powersmc.backends.particles import particle_engine
 from powersmc.backends.protocol import LanguageModel, Prompt
 from powersmc.errors import InputError
 from powersmc.methods.common import check_positive_int, eos_tensor
