@@ -16,7 +16,7 @@ from toy_models import HORIZON, PROMPT, random_lm, trap_lm
 from powersmc import smc_sample
 from powersmc.exact import power_distribution, tempered_distribution, total_variation
 from powersmc.methods.options import ORDERS
-from powersmc.methods.system import smc_program
+from powersmc.methods.smc import smc_program
 from powersmc.runtime.api import run_programs
 
 ALPHA = 4.0

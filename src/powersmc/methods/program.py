@@ -11,7 +11,7 @@ by one scheduler). Two requests:
   prefix: an MH chain's, a lookahead candidate's), each drawn token by token from
   q proportional to p^(1/tau) (eq. 3), or its top-k / top-p nucleus, or greedily, until an EOS
   id or `max_tokens`. Answered with `Rows`: per row its tokens, log p and log q of each.
-* `Particles` (`methods.system`): one Power-SMC system (Algorithm 1); answered with its
+* `Particles` (`methods.smc`): one Power-SMC system (Algorithm 1); answered with its
   `SMCResult`.
 
 Each request names its own generator, and a program draws from nothing else, so a seeded
@@ -78,7 +78,7 @@ class Rows:
         return [sum(r) for r in self.logp]
 
 
-# yields lists of requests (`Continue`, `system.Particles`), is sent their outcomes
+# yields lists of requests (`Continue`, `smc.Particles`, a paused `System`), is sent their outcomes
 Program = Generator[list[Any], list[Any], SampleResult]
 
 

@@ -21,8 +21,8 @@ from powersmc.methods.options import BY_NAME, taken_by
 from powersmc.methods.ppt import ppt_program
 from powersmc.methods.program import Program
 from powersmc.methods.resample_move import smc_rm_program
+from powersmc.methods.smc import smc_program
 from powersmc.methods.spower import spower_program
-from powersmc.methods.system import smc_program
 
 
 def _plain(model, prompt, *, alpha, **kw):

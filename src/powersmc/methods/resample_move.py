@@ -30,7 +30,8 @@ from powersmc.methods.common import check_nonnegative_int, encode_prompt, make_g
 from powersmc.methods.mcmc import accept, mh_log_ratio
 from powersmc.methods.program import Continue, Program, spawn
 from powersmc.methods.selection import AnswerKey, apply_select, check_select
-from powersmc.methods.system import Options, Particles, System
+from powersmc.methods.smc import Options, Particles
+from powersmc.methods.system import System
 
 
 def smc_rm_program(model: LanguageModel, prompt: Prompt, *, seed: int | None = None,

@@ -37,8 +37,8 @@ from powersmc.methods.mh import mh_program
 from powersmc.methods.program import Program
 from powersmc.methods.registry import method_program
 from powersmc.methods.selection import AnswerKey
+from powersmc.methods.smc import system_seed
 from powersmc.methods.spower import spower_program
-from powersmc.methods.system import system_seed
 from powersmc.proposals import Proposal
 from powersmc.results import ImportanceResult, SampleResult, SMCResult
 from powersmc.runtime.scheduler import Scheduler

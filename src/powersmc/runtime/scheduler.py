@@ -32,7 +32,8 @@ from powersmc.errors import InputError
 from powersmc.methods.common import check_positive_int, eos_tensor
 from powersmc.methods.program import Program
 from powersmc.methods.selection import AnswerKey
-from powersmc.methods.system import System, smc_program
+from powersmc.methods.smc import smc_program
+from powersmc.methods.system import System
 from powersmc.runtime.handles import Cancelled, Handle, Run, Unit
 
 __all__ = ["Cancelled", "Handle", "Scheduler"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from powersmc.backends.protocol import LanguageModel
 from powersmc.methods.program import Program
 from powersmc.methods.registry import DECODING, method_program
-from powersmc.methods.system import system_seed
+from powersmc.methods.smc import system_seed
 from powersmc.server.jobs import Job
 
 
