@@ -225,6 +225,17 @@ def test_several_prompts_adapted_order_and_baselines_run(vllm_lm):
         mh = mh_sample(vllm_lm, PROMPT, max_new_tokens=8, num_blocks=2, mh_moves=2, mode=mode,
                        seed=0)
         assert mh.stats["proposed"] >= 2 and 1 <= len(mh.token_ids) <= 8
+    from powersmc.runtime.api import run_method
+
+    rm = run_method("smc-rm", vllm_lm, PROMPT, alpha=4.0, max_new_tokens=8, seed=0,
+                    particles=4, ess_threshold=1.0)  # resumed systems join with their prefixes
+    assert rm.resample_steps and rm.stats["moves_proposed"] > 0
+    assert all(1 <= len(p.token_ids) <= 8 for p in rm.particles)
+    maj = run_method("maj", vllm_lm, PROMPT, alpha=4.0, max_new_tokens=8, seed=0, particles=4)
+    assert len(maj.samples) == 4 and maj.stats["votes"]
+    for method in ("ppt", "ecmh"):  # zeta at every rung / entropies need log-probs
+        with pytest.raises(InputError, match="log-probabilities"):
+            run_method(method, vllm_lm, PROMPT, alpha=4.0, max_new_tokens=8, seed=0)
 
 
 def test_greedy_and_lowtemp_log_probs_equal_transformers(vllm_lm, hf_lm):
