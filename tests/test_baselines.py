@@ -14,7 +14,7 @@ from powersmc.methods.mh import mh_program
 from powersmc.methods.program import Continue
 from powersmc.methods.spower import power_conditional
 from powersmc.results import SampleResult
-from powersmc.runtime.api import run_method, run_program, run_programs
+from powersmc.runtime.api import run_method, run_programs
 
 ALPHA = 4.0
 
@@ -76,22 +76,24 @@ def test_faithful_mh_bias_is_measured():
 
 
 def _spower_bias(lm, m, jackknife, reps=1000):
+    """L1 distance between the mean estimated first-token conditional over `reps` independent
+    runs (each its own generator, all in flight in one scheduler) and the exact one."""
     pi, _ = power_distribution(lm, PROMPT, HORIZON, ALPHA)
     exact = torch.tensor([sum(v for k, v in pi.items() if k[0] == t) for t in range(4)],
                          dtype=torch.float64)
-    gen, acc = torch.Generator().manual_seed(m), torch.zeros(4, dtype=torch.float64)
     eos = torch.tensor(lm.eos_token_ids)
 
-    def first_token():  # a program: the estimated conditional of the first token
+    def first_token(gen):  # a program: the estimated conditional of the first token
         (r,) = yield [Continue(PROMPT, 1, 1, gen, keep_logp=True)]
         cand, p, _ = yield from power_conditional(
             list(PROMPT), r.first_logp, eos, alpha=ALPHA, candidates=4, rollouts=m,
             horizon=HORIZON - 1, jackknife=jackknife, generator=gen)
         return SampleResult("conditional", "", [], 0, stats={"cand": cand, "p": p})
 
-    for _ in range(reps):
-        stats = run_program(lm, first_token()).stats
-        acc[stats["cand"]] += stats["p"]
+    acc = torch.zeros(4, dtype=torch.float64)
+    for r in run_programs(lm, [first_token(torch.Generator().manual_seed(1000 * m + k))
+                               for k in range(reps)]):
+        acc[r.stats["cand"]] += r.stats["p"]
     return float((acc / reps - exact).abs().sum())
 
 
