@@ -7,6 +7,8 @@ import torch
 from toy_models import HORIZON, PROMPT, random_lm, row_limited, trap_lm
 
 from powersmc import FunctionLM, InputError, smc_sample
+from powersmc.methods.smc import smc_program
+from powersmc.runtime.api import run_programs
 
 
 def test_seed_is_bit_reproducible_and_global_rng_untouched():
@@ -62,8 +64,9 @@ def test_fixed_temperature_and_custom_proposal_stay_exact_in_expectation():
     _, log_z_true = power_distribution(lm, PROMPT, HORIZON, 4.0)
     uniform = lambda logp, a: torch.full_like(logp, -math.log(logp.shape[-1]))  # noqa: E731
     for kw in ({"tau": 0.5}, {"proposal": uniform}):
-        z = [math.exp(smc_sample(lm, PROMPT, particles=8, max_new_tokens=HORIZON, seed=s,
-                                 **kw).log_z - log_z_true) for s in range(1500)]
+        runs = run_programs(lm, [smc_program(lm, PROMPT, particles=8, max_new_tokens=HORIZON,
+                                             seed=s, **kw) for s in range(1500)])
+        z = [math.exp(r.log_z - log_z_true) for r in runs]  # each as smc_sample(seed=s) alone
         m = sum(z) / len(z)
         sd = math.sqrt(sum((v - m) ** 2 for v in z) / (len(z) - 1))
         assert abs(m - 1) < 4.0 * sd / math.sqrt(len(z))
