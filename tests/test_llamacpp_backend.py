@@ -248,16 +248,7 @@ def test_next_token_distributions_close_to_transformers(llama_lm, default_lm):
             "or snow. Rivers carry it to the sea, plants return some to the air, and the cycle "
             "repeats. It shapes weather, climate and the landscape over many thousands of years, "
             "and every living thing depends on it for fresh water. ") * 3
-    ids = default_lm.tokenizer(text)["input_ids"][:240]
-    with torch.inference_mode():
-        hf = torch.log_softmax(default_lm.model(input_ids=torch.tensor([ids])).logits[0].float(),
-                               -1)
-    state, first = llama_lm.prefill(ids[:1], 1, budget=len(ids))
-    rows = [first[0]]
-    for t in ids[1:-1]:
-        rows.append(llama_lm.step(state, torch.tensor([t]))[0])
-    ll = torch.stack(rows)
-    hf = hf[: ll.shape[0]]
+    ll, hf = _teacher_forced(llama_lm, default_lm, text, 240)
     tv = 0.5 * (ll.exp() - hf.exp()).abs().sum(-1)
     top = hf.topk(10, -1).indices
     dlog = (ll.gather(1, top) - hf.gather(1, top)).abs()
@@ -272,6 +263,18 @@ def test_next_token_distributions_close_to_transformers(llama_lm, default_lm):
     assert dlog.mean() < 0.02 and dlog.max() < 0.15
 
 
+def _teacher_forced(lm, hf_lm, text, n):
+    """Next-token log-probs of `lm` (prefill of the first token, then one step per token) and
+    of Transformers float32 (one forward) along the first `n` tokens of `text`."""
+    ids = hf_lm.tokenizer(text)["input_ids"][:n]
+    with torch.inference_mode():
+        hf = torch.log_softmax(hf_lm.model(input_ids=torch.tensor([ids])).logits[0].float(),
+                               -1)
+    state, first = lm.prefill(ids[:1], 1, budget=len(ids))
+    ll = torch.stack([first[0]] + [lm.step(state, torch.tensor([t]))[0] for t in ids[1:-1]])
+    return ll, hf[: ll.shape[0]]
+
+
 def _numerics(lm, hf_lm):
     """TV mean and argmax agreement of `lm` against Transformers float32, teacher-forced over
     the first 120 tokens of the water-cycle text."""
@@ -279,13 +282,7 @@ def _numerics(lm, hf_lm):
             "and lakes, rises as vapour, cools and condenses into clouds, and falls back as "
             "rain or snow. Rivers carry it to the sea, plants return some to the air, and the "
             "cycle repeats. ") * 3
-    ids = hf_lm.tokenizer(text)["input_ids"][:120]
-    with torch.inference_mode():
-        hf = torch.log_softmax(hf_lm.model(input_ids=torch.tensor([ids])).logits[0].float(),
-                               -1)
-    state, first = lm.prefill(ids[:1], 1, budget=len(ids))
-    ll = torch.stack([first[0]] + [lm.step(state, torch.tensor([t]))[0] for t in ids[1:-1]])
-    hf = hf[: ll.shape[0]]
+    ll, hf = _teacher_forced(lm, hf_lm, text, 120)
     tv = 0.5 * (ll.exp() - hf.exp()).abs().sum(-1)
     return float(tv.mean()), float((ll.argmax(-1) == hf.argmax(-1)).double().mean())
 
