@@ -1,8 +1,7 @@
 """The Transformers backend on the real default model (SmolLM2-135M-Instruct GGUF).
 
 Resampling reindexes the KV cache; after it, next-token logits must equal those recomputed
-from scratch for the new prefixes (App. C). Likewise for rows that leave the batch (App. D)
-and for MH's forks of a kept prefix.
+from scratch for the new prefixes (App. C). Likewise for rows that leave the batch (App. D).
 """
 
 import pytest
@@ -42,18 +41,6 @@ def test_reorder_then_step_matches_recompute(default_lm, index):
         s.append(t)
     logp = lm.step(state, nxt)
     assert torch.allclose(logp, _from_scratch(lm, seqs), atol=ATOL)
-
-
-def test_fork_keeps_prefix_and_leaves_original(default_lm):
-    lm = default_lm
-    prompt = lm.encode_prompt("Say hello.")
-    state, seqs, logp_orig = grow(lm, prompt, 5, 1, seed=2)
-    fork = lm.fork(state, keep=2)
-    branch = seqs[0][: len(prompt) + 2] + [42]
-    assert torch.allclose(lm.step(fork, torch.tensor([42])), _from_scratch(lm, [branch]), atol=ATOL)
-    # the original state is untouched by the fork's step
-    cont = seqs[0] + [7]
-    assert torch.allclose(lm.step(state, torch.tensor([7])), _from_scratch(lm, [cont]), atol=ATOL)
 
 
 def test_smc_on_default_model(default_lm):

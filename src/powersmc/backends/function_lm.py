@@ -89,7 +89,8 @@ class FunctionLM:
         return state, self._logprobs(prompt).expand(rows, -1).clone()
 
     def prefill_many(
-        self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int | None = None
+        self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int | None = None,
+        room: tuple[int, int] | None = None,
     ) -> tuple[FunctionState, torch.Tensor]:
         ids = [tuple(int(i) for i in p) for p in prompts]
         state = FunctionState([p for p in ids for _ in range(rows)],
@@ -106,8 +107,8 @@ class FunctionLM:
         state.prompt_lens += [len(p) for p in new]
         return self._batch(new)
 
-    def free_cells(self, state: FunctionState) -> int | None:
-        return None
+    def fits(self, state: FunctionState, rows: int, length: int) -> bool:
+        return True  # nothing is cached
 
     def cells_in_use(self, state: FunctionState) -> int | None:
         return None
@@ -120,9 +121,3 @@ class FunctionLM:
         order = index.tolist()
         state.prefixes = [state.prefixes[i] for i in order]
         state.prompt_lens = [state.prompt_lens[i] for i in order]
-
-    def fork(self, state: FunctionState, keep: int | None = None) -> FunctionState:
-        if keep is None:
-            return FunctionState(list(state.prefixes), list(state.prompt_lens))
-        prefixes = [p[: n + keep] for p, n in zip(state.prefixes, state.prompt_lens, strict=True)]
-        return FunctionState(prefixes, list(state.prompt_lens))

@@ -1,5 +1,6 @@
-"""The static cache's attention (`backends.transformers_lm`): SDPA on the key/value heads for
-one query token, registered with Transformers under its own name, and which models it serves."""
+"""The static cache's attention (`backends.transformers_static`): SDPA on the key/value heads
+for one query token, registered with Transformers under its own name, and which models it
+serves."""
 
 from __future__ import annotations
 

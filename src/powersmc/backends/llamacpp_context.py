@@ -14,7 +14,7 @@ import numpy as np
 
 from powersmc.errors import InputError
 
-MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: the most streams of a context
 
 
 def lib():
@@ -52,88 +52,93 @@ def quiet_logs(ll) -> None:
 
 
 class Context:
-    """One llama.cpp context, its pool of free sequence ids, and safe cell release.
+    """One llama.cpp context in its non-unified mode: `streams` KV streams of `cells` cells
+    each, one sequence per stream (sequence id = stream).
 
-    llama.cpp (0.3.36, CPU) computes wrong attention for a sequence whose new token is placed
-    in a freed cell below one of that sequence's existing cells (measured: log-prob errors
-    of 0.5 and more; tests/test_llamacpp_backend.py). New tokens always go to the lowest free
-    cell, so a freed cell is safe only when it was written after the last write of every
-    sequence still alive. `release` frees a sequence's cells when that holds (MH's rejected
-    proposals, Scalable Power Sampling's rollouts: they are the newest cells) and otherwise
-    parks them under a reserved sequence id (SMC's dropped particles, whose cells interleave
-    with the survivors'), which keeps them occupied; parked cells return when the context is
-    reused by the next run. A write clock per sequence decides which case applies.
+    Why not the unified cache, where one cell can belong to many sequences: there every row's
+    attention walks every occupied cell of the context, so P systems batched together cost
+    each row P times the attention of one system alone (measured, 2-core CPU, default model,
+    16-row systems: 3.7 ms per row per step at 4 systems, 4.4 at 8, against 3.2 alone); and
+    it needed workarounds (parked cells, a 48-row decode split). With a stream per sequence a
+    row attends to its own cells only (2.5 ms per row at 4 systems, 2.4 at 8: no penalty;
+    docs/backends.md). The price is that sharing a row (resampling's duplicates, a prompt's
+    rows, a program's kept prefix) copies its stream, all `cells` of it, instead of tagging
+    cells: llama.cpp copies whole streams only, so a prefix is copied whole, then trimmed.
+
+    One llama_decode runs its tokens in micro-batches whose sequence ids are consecutive
+    (llama.cpp's split for non-unified caches: a micro-batch's attention views one range of
+    streams). So a state keeps its rows' ids one contiguous range (`LlamaCppLM._compact`) and
+    feeds them sorted: one micro-batch per step, as the unified cache had.
     """
 
-    PARK = MAX_SEQUENCES - 1
-
-    def __init__(self, ll, model, cells: int, threads: int, max_batch: int) -> None:
+    def __init__(self, ll, model, streams: int, cells: int, threads: int,
+                 max_batch: int) -> None:
         p = ll.llama_context_default_params()
-        p.n_ctx = cells
+        p.n_ctx = streams * cells
         p.n_batch = max_batch
         p.n_ubatch = min(max_batch, 512)
-        p.n_seq_max = MAX_SEQUENCES
+        p.n_seq_max = streams
         p.n_threads = p.n_threads_batch = threads
-        p.kv_unified = True  # cells shared between sequences: what resampling needs
+        p.kv_unified = False  # a stream per sequence: a row's attention reads its cells only
         p.no_perf = True
-        self.ll, self.cells = ll, cells
+        self.ll, self.streams, self.cells = ll, streams, cells
         self.ctx = ll.llama_init_from_model(model, p)
         if not self.ctx:
-            raise RuntimeError(f"llama.cpp could not create a context of {cells} cells: "
-                               + "".join(LOG_TAIL[-3:]).strip())
+            raise RuntimeError(f"llama.cpp could not create a context of {streams} x {cells} "
+                               "cells: " + "".join(LOG_TAIL[-3:]).strip())
+        self.cells = int(ll.llama_n_ctx_seq(self.ctx))  # llama.cpp pads it (to 256)
         self.mem = ll.llama_get_memory(self.ctx)
         self.reset()
 
     def reset(self) -> None:
         """Forget every sequence and cell (the context is idle)."""
-        self.ll.llama_memory_clear(self.mem, True)
-        self.free = list(range(self.PARK - 1, -1, -1))
+        self.ll.llama_memory_clear(self.mem, False)
+        self.used = np.zeros(self.streams, dtype=bool)
         self.live = 0
-        self.clock = 0
-        self.first = np.full(MAX_SEQUENCES, np.inf)  # clock of a sequence's first own write
-        self.own = np.zeros(MAX_SEQUENCES, dtype=np.int64)  # cells a sequence wrote itself
-        self.written = 0  # cells written since the reset (each written token takes one)
-        self.freed = 0  # of those, cells freed again (a released sequence's own writes)
-        self.last = np.full(MAX_SEQUENCES, -np.inf)  # clock of the last write it holds
-        self.alive = np.zeros(MAX_SEQUENCES, dtype=bool)
+        self.length = np.zeros(self.streams, dtype=np.int64)  # cells each sequence holds
 
-    def take(self, k: int) -> np.ndarray:
-        if k > len(self.free):
-            raise InputError("rows", f"at most {self.PARK} live sequences at once on the "
-                             "llama.cpp backend (llama.cpp's limit)", self.live + k)
+    def take(self, k: int, prefer: np.ndarray | None = None) -> np.ndarray:
+        """k free sequence ids: the free ones of `prefer` first (in its order), then the
+        lowest free ones."""
+        if k > self.streams - self.live:
+            raise InputError("rows", f"at most {self.streams} live rows in this llama.cpp "
+                             "context", self.live + k)
+        free = np.flatnonzero(~self.used)
+        if prefer is not None and prefer.size:
+            mine = prefer[~self.used[prefer]]
+            free = np.concatenate([mine, np.setdiff1d(free, mine, assume_unique=True)])
+        ids = free[:k].astype(np.int32)
+        self.used[ids], self.length[ids] = True, 0
         self.live += k
-        ids = np.array([self.free.pop() for _ in range(k)], dtype=np.int32)
-        self.alive[ids], self.first[ids], self.last[ids] = True, np.inf, -np.inf
-        self.own[ids] = 0
         return ids
 
     def copy(self, src: int, dst: int, p1: int = -1) -> None:
-        """dst shares src's cells (positions < p1, or all): no tensor is copied."""
-        self.ll.llama_memory_seq_cp(self.mem, src, dst, 0 if p1 >= 0 else -1, p1)
-        self.last[dst] = self.last[src]
+        """dst becomes a copy of src (positions < p1, or all). llama.cpp copies the whole
+        stream at its next decode; the positions from p1 on are then dropped."""
+        self.ll.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+        self.length[dst] = self.length[src]
+        if 0 <= p1 < self.length[src]:
+            self.ll.llama_memory_seq_rm(self.mem, dst, p1, -1)
+            self.length[dst] = p1
 
     def wrote(self, seqs: np.ndarray, cells: int = 1) -> None:
         """Record a decode that wrote `cells` new cells for each of `seqs`."""
-        self.clock += 1
-        self.own[seqs] += cells
-        self.written += cells * len(seqs)
-        self.first[seqs] = np.minimum(self.first[seqs], self.clock)
-        self.last[seqs] = self.clock
+        self.length[seqs] += cells
 
     def release(self, seqs: Sequence[int]) -> None:
-        if not len(seqs):
-            return
-        ids = np.asarray(seqs, dtype=np.int64)
-        self.alive[ids] = False
-        newest = self.last[self.alive].max(initial=-np.inf)
-        for s in ids.tolist():
-            if not self.first[s] > newest:  # its cells may sit below a survivor's: park them
-                self.ll.llama_memory_seq_cp(self.mem, s, self.PARK, -1, -1)
-            else:
-                self.freed += int(self.own[s])
-            self.ll.llama_memory_seq_rm(self.mem, s, -1, -1)
-            self.free.append(s)
-        self.live -= len(ids)
+        for s in seqs:
+            self.ll.llama_memory_seq_rm(self.mem, int(s), -1, -1)
+            self.length[int(s)] = 0
+            self.used[int(s)] = False
+        self.live -= len(seqs)
+
+    def fits(self, rows: int, length: int) -> bool:
+        """Whether `rows` more sequences of at most `length` cells fit."""
+        return rows <= self.streams - self.live and length <= self.cells
+
+    @property
+    def in_use(self) -> int:
+        return int(self.length.sum())
 
     def __del__(self) -> None:
         ctx, self.ctx = getattr(self, "ctx", None), None

@@ -32,8 +32,9 @@ class _Joiner:
         return len(self.prompts) * self.per
 
     @property
-    def cells(self) -> int:
-        return sum(len(p) for p in self.prompts) + self.budget
+    def length(self) -> int:
+        """The most cells one of its rows holds: its prompt and its share of the budget."""
+        return max(len(p) for p in self.prompts) + -(-self.budget // self.rows) + 1
 
 
 @dataclass
@@ -61,12 +62,11 @@ class LMParticles:
     says `joins_running` (llama.cpp, toy models, Transformers' static cache); otherwise only an
     empty batch.
 
-    Bounded memory on a fixed-size cache (llama.cpp): a model whose `free_cells(state)` counts
-    is asked whether a joining system's prompt and tokens fit beside what the state holds and
-    what its live systems may still write; if not, the system opens a new segment (a fresh
-    context) and the old one takes no new system: it drains as its systems finish and is
-    freed, parked cells and all, when empty. A step then makes one forward per segment (two
-    while one drains).
+    Bounded memory on a fixed-size cache (llama.cpp): the model is asked whether a joining
+    system's rows fit beside the state's (`fits`); if not, the system opens a new segment (a
+    fresh context, sized for every live and joining row) and the old one takes no new system:
+    it drains as its systems finish and is freed when empty. A step then makes one forward per
+    segment (two while one drains).
     """
 
     def __init__(self, model: LanguageModel) -> None:
@@ -80,7 +80,6 @@ class LMParticles:
         self.pending: torch.Tensor | None = None  # tokens drawn but not yet fed to the model
         self.specs: list[DrawSpec] = []  # per live system, in row order
         self.counts: list[int] = []  # rows per live system
-        self.left: list[int] = []  # cells a live system may still write (prompt + budget)
         self.joining: list[_Joiner] = []
         self.failed: dict[int, Exception] = {}  # joiners whose prefill failed
         self.alphas: torch.Tensor | None = None  # per-row exponent of the last draw
@@ -112,7 +111,6 @@ class LMParticles:
                 for seg, rows in zip(self.segments, self._segment_rows(), strict=True):
                     parts.append(self.model.step(seg.state, self.pending[lo : lo + rows]))
                     lo += rows
-            self.left = [max(x - c, 0) for x, c in zip(self.left, self.counts, strict=True)]
         joiners, self.failed = len(self.joining), {}
         if self.joining:
             with record_function("powersmc.prefill"):
@@ -165,29 +163,21 @@ class LMParticles:
     def _join(self, group: list[_Joiner], rest: list[_Joiner]) -> torch.Tensor:
         """Prefill one group of joiners (equal rows per prompt) and register them; returns
         their logp."""
-        rows = group[0].per
+        rows, budget = group[0].per, sum(j.budget for j in group)
         prompts = [p for j in group for p in j.prompts]
-        need = sum(j.cells for j in group)
-        if not self.segments or not self._fits(need):
-            size = sum(j.cells for j in rest) + sum(self.left)
-            state, logp = self.model.prefill_many(prompts, rows, budget=2 * size)
+        if not self.segments or not self.model.fits(
+                self.segments[-1].state, sum(j.rows for j in group),
+                max(j.length for j in group)):
+            room = (sum(self.counts) + sum(j.rows for j in rest), max(j.length for j in rest))
+            state, logp = self.model.prefill_many(prompts, rows, budget=budget, room=room)
             self.segments.append(_Segment(state, 0))
         else:
-            logp = self.model.extend(self.segments[-1].state, prompts, rows,
-                                     budget=sum(j.budget for j in group))
+            logp = self.model.extend(self.segments[-1].state, prompts, rows, budget=budget)
         self.segments[-1].systems += len(group)
         for j in group:
             self.specs.append(j.spec)
             self.counts.append(j.rows)
-            self.left.append(j.cells)
         return logp
-
-    def _fits(self, need: int) -> bool:
-        """Whether the newest segment's cache holds `need` more cells beside what its live
-        systems may still write (always, for a model without a fixed-size cache)."""
-        seg = self.segments[-1]
-        free = self.model.free_cells(seg.state)
-        return free is None or free - sum(self.left[len(self.left) - seg.systems:]) >= need
 
     def _segment_rows(self) -> list[int]:
         out, k = [], 0
@@ -239,14 +229,13 @@ class LMParticles:
             self.pending = last
         keep = [k for k, c in enumerate(counts) if c > 0]
         self.specs = [self.specs[k] for k in keep]
-        self.left = [self.left[k] for k in keep]
         self.counts = [int(counts[k]) for k in keep]
         if not self.counts:  # the batch is empty
             self.segments, self.logp, self.pending = [], None, None
 
     def close(self) -> None:
         self.segments, self.logp, self.pending = [], None, None
-        self.specs, self.counts, self.left, self.joining = [], [], [], []
+        self.specs, self.counts, self.joining = [], [], []
         self.failed = {}
 
     def _row_system(self) -> list[int]:

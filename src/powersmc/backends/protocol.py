@@ -50,10 +50,13 @@ class LanguageModel(Protocol):
         ...
 
     def prefill_many(
-        self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int | None = None
+        self, prompts: Sequence[Sequence[int]], rows: int, *, budget: int | None = None,
+        room: tuple[int, int] | None = None,
     ) -> tuple[Any, torch.Tensor]:
         """Several prompts in one state: rows p*rows .. p*rows+rows-1 continue prompt p.
-        Every row's next-token logprobs equal those of `prefill` on its own prompt."""
+        Every row's next-token logprobs equal those of `prefill` on its own prompt. room:
+        (rows, length) the state should be able to hold at once after later `extend`s, rows
+        of at most `length` tokens (a hint for a fixed-size cache)."""
         ...
 
     def extend(self, state: Any, prompts: Sequence[Sequence[int]], rows: int, *,
@@ -62,8 +65,9 @@ class LanguageModel(Protocol):
         generated yet; return their next-token logprobs. Only where `joins_running`."""
         ...
 
-    def free_cells(self, state: Any) -> int | None:
-        """KV cells the state's fixed-size cache can still take (None: it grows as needed)."""
+    def fits(self, state: Any, rows: int, length: int) -> bool:
+        """Whether `extend` can add `rows` rows of at most `length` tokens each (prompt
+        included) to the state beside its rows (always, where the cache grows as needed)."""
         ...
 
     def cells_in_use(self, state: Any) -> int | None:
@@ -78,7 +82,3 @@ class LanguageModel(Protocol):
         """Make row k a copy of old row index[k]; len(index) may differ from the row count."""
         ...
 
-    def fork(self, state: Any, keep: int | None = None) -> Any:
-        """An independent copy of `state`, keeping the prompt and the first `keep` generated
-        tokens of every row (all of them if None). Used by MH to reuse a kept prefix's cache."""
-        ...
