@@ -179,7 +179,7 @@ def offline(bodies: list[dict], flags: list[str], max_batch: int) -> dict:
     """The same requests submitted at once to one in-process `Scheduler` (no server), on the
     model the servers' `flags` load (backend, device, dtype, threads included)."""
     from powersmc import Scheduler, load_model
-    from powersmc.cli import build_parser
+    from powersmc.cli_parser import build_parser
     from powersmc.server.execute import chat_prompt_ids
     from powersmc.server.run import model_kwargs
 

@@ -7,13 +7,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent / "src" / "powersmc"
 
+# the command line's modules
+CLI = ("powersmc.cli", "powersmc.cli_parser", "powersmc.cli_commands")
 # package prefix -> the prefixes its modules must not reach, directly or through others
 FORBIDDEN = {
     "powersmc.backends": ("powersmc.methods", "powersmc.runtime", "powersmc.eval",
-                          "powersmc.server", "powersmc.cli", "powersmc.bench"),
-    "powersmc.methods": ("powersmc.runtime", "powersmc.eval", "powersmc.server", "powersmc.cli",
+                          "powersmc.server", *CLI, "powersmc.bench"),
+    "powersmc.methods": ("powersmc.runtime", "powersmc.eval", "powersmc.server", *CLI,
                          "powersmc.bench"),
-    "powersmc.runtime": ("powersmc.eval", "powersmc.server", "powersmc.cli", "powersmc.bench"),
+    "powersmc.runtime": ("powersmc.eval", "powersmc.server", *CLI, "powersmc.bench"),
 }
 
 

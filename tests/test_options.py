@@ -8,7 +8,8 @@ import httpx
 import pytest
 from server_toys import EchoLM, live_server
 
-from powersmc.cli import build_parser, main
+from powersmc.cli import main
+from powersmc.cli_parser import build_parser
 from powersmc.methods import registry
 from powersmc.methods.options import OPTIONS
 from powersmc.server.config import SERVED, ServerConfig
@@ -49,7 +50,7 @@ def seen(monkeypatch):
         lm.chat = False  # what `eval` reads of a loaded text model
         return lm
 
-    monkeypatch.setattr("powersmc.cli._load", load)
+    monkeypatch.setattr("powersmc.cli_commands._load", load)
     return calls
 
 

@@ -26,7 +26,9 @@ from server_toys import EchoLM, echo_lm, free_port, live_server  # noqa: E402
 
 from powersmc.models import ModelSpec  # noqa: E402
 from powersmc.server import ServerConfig  # noqa: E402
-from powersmc.server.replicas import REPORT_S, plan, replicated  # noqa: E402
+from powersmc.server.placement import plan  # noqa: E402
+from powersmc.server.replica import REPORT_S  # noqa: E402
+from powersmc.server.replicas import replicated  # noqa: E402
 
 KEY = "sk-replicas"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -1,4 +1,4 @@
-"""`/health` and `/metrics` of a replicated server (`replicas.py`), from the latest report of
+"""`/health` and `/metrics` of a replicated server (`ingress.py`), from the latest report of
 each replica: its own `/health` (status, body) and `/metrics` text. No Ray here.
 
 - `/health`: 200 when at least one replica is ready. The body has the single server's fields
