@@ -3,7 +3,9 @@ real backend (issue 19): the scheduler gives every system its own generator, so 
 differ only where the batched forward pass differs from a solo one in its last float bits.
 
 Usage: python benchmarks/solo_vs_busy.py [--seeds 50] [--particles 8] [--tokens 48]
-       [--backend llama.cpp] [--threads 2]
+       [--backend llama.cpp] [--cache static] [--threads 2]
+(On Transformers pass `--cache static`: on the dynamic cache a system joins only an empty
+batch, so it would run alone both times.)
 For each seed: the system alone in a scheduler, then the same system joining a batch already
 running three other systems (other prompts, alphas, particle counts). Printed: how many of the
 seeds gave the same text, the same token ids, and the same log Z estimate bit for bit.
@@ -26,9 +28,11 @@ def main() -> None:
     ap.add_argument("--particles", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--cache", default=None, help="Transformers' KV cache (static, dynamic)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    lm = load_model(backend=args.backend, threads=args.threads)
+    extra = {} if args.cache is None else {"cache": args.cache}
+    lm = load_model(backend=args.backend, threads=args.threads, **extra)
     kw = dict(alpha=4.0, particles=args.particles, max_new_tokens=args.tokens)
     same_text = same_ids = same_z = 0
     for seed in range(args.seeds):

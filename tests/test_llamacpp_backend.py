@@ -200,14 +200,19 @@ def test_seeded_answers_do_not_depend_on_the_batch(llama_lm):
     """A seeded Power-SMC system (particles finish at different lengths, down to one live row)
     and a seeded MH chain (one-row requests) give bit-identical answers alone and joining a
     batch already running three other systems: every decode of two or more rows gives a row
-    the same bits whatever shares it, and a lone row gets a dummy second one
-    (`LlamaCppLM._feed`)."""
+    the same bits whatever shares it, a lone row gets a dummy second one (`LlamaCppLM._feed`),
+    and a prompt is evaluated in chunks at fixed positions whether or not the others' rows
+    share its first tokens (`llamacpp_lm._chunks`)."""
     from powersmc import Scheduler
     from powersmc.methods.mh import mh_program
     from powersmc.methods.smc import smc_program
 
     lm = llama_lm
-    prompt = "Natalia sold 48 clips in April and half as many in May. How many in all?"
+    prompt = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+              "clips in May. Each clip cost 3 dollars in April and 2 dollars in May. How many "
+              "clips did Natalia sell altogether in April and May, and how much money did she "
+              "make? Explain each step.")  # beyond the chat template's shared prefix: > 64
+
     others = [("Name a prime number.", 2.0, 4), ("Explain why the sky is blue.", 4.0, 12),
               ("Write one sentence about the sea.", 3.0, 16)]
 

@@ -38,6 +38,7 @@ from powersmc.backends.llamacpp_gguf import GGUFModel
 
 ROW_TOKENS = 1024  # generated tokens a row holds when a prefill gives no budget
 MIN_STREAMS = 16  # a context's fewest streams (rows), so that small runs reuse one context
+PROMPT_CHUNK = 32  # most tokens of a prompt per decode (`_chunks`: why)
 
 
 class LlamaCppLM(GGUFModel):
@@ -150,22 +151,19 @@ class LlamaCppLM(GGUFModel):
         if donors is not None:
             for head, seq in zip(donors.heads, donors.seqs.ids.tolist(), strict=True):
                 known.setdefault(head, seq)
-        chunk = self._batch.capacity
         last = np.zeros((len(prompts), self.vocab_size), dtype=np.float32)
-        # One prompt per llama_decode (in chunks of `chunk` tokens), logits at its last token:
+        # One prompt per llama_decode (in `_chunks`), logits at its last token:
         # a batch holding several tokens of several sequences gave wrong logits on llama.cpp
         # 0.3.36 (measured; tests/test_llamacpp_backend.py), one sequence per batch does not.
         b = self._batch
         for p, (prompt, seq) in enumerate(zip(prompts, first.tolist(), strict=True)):
             ids = np.asarray(prompt, dtype=np.int32)
             start, src = _shared(known, state.heads[p * rows])
-            start = min(start, ids.size - 2)  # at least two tokens per decode (`_feed`: why)
-            if start > 0:
-                ctx.copy(src, seq, start)
+            cuts = _chunks(start, ids.size)
+            if cuts[0] > 0:
+                ctx.copy(src, seq, cuts[0])
             known.setdefault(state.heads[p * rows], seq)
-            parts = -(-(ids.size - max(start, 0)) // chunk)
-            cuts = np.linspace(max(start, 0), ids.size, parts + 1).astype(int)
-            for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
+            for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
                 n = hi - lo
                 b.token[:n], b.pos[:n] = ids[lo:hi], np.arange(lo, hi)
                 b.seq[:n], b.n_seq[:n], b.logits[:n] = seq, 1, 0
@@ -320,6 +318,22 @@ def _state(seqs: Seqs, prompts: Sequence[Sequence[int]], rows: int) -> LlamaStat
     return LlamaState(seqs, np.zeros(seqs.ids.size, dtype=np.int32),
                       np.repeat([len(p) for p in prompts], rows).astype(np.int32),
                       [h for h in heads for _ in range(rows)])
+
+
+def _chunks(shared: int, size: int) -> list[int]:
+    """The bounds of the decodes that evaluate a prompt of `size` tokens whose first `shared`
+    are copied from another row: chunks of at most PROMPT_CHUNK tokens at fixed positions
+    (multiples of PROMPT_CHUNK), the first starting at `shared`, or one earlier so that no
+    decode of a shared prompt holds a single token. Why: llama.cpp's kernels for a decode
+    of one sequence change with its token count (one token; 64 and more), and so do the
+    bits of their results; a decode of 2 to PROMPT_CHUNK tokens gives each token the same
+    bits whatever else it holds (measured). So a prompt's cells and logits do not depend on
+    how much of it was shared, i.e. on what else is in the batch (tested)."""
+    start = max(min(shared, size - 2), 0)
+    if start and -start % PROMPT_CHUNK == 1:
+        start -= 1
+    inner = range(-(-(start + 1) // PROMPT_CHUNK) * PROMPT_CHUNK, size, PROMPT_CHUNK)
+    return [start, *inner, size]
 
 
 def _free_beside(ctx: Context, seq: int) -> int | None:
