@@ -52,7 +52,8 @@ def main() -> None:
         same_text += mixed.text == alone.text
         same_ids += mixed.token_ids == alone.token_ids
         same_z += mixed.log_z == alone.log_z
-    print(f"{lm.name}, N={args.particles}, T={args.tokens}, {args.seeds} seeds: same text "
+    name = getattr(lm, "name", type(lm).__name__)
+    print(f"{name}, N={args.particles}, T={args.tokens}, {args.seeds} seeds: same text "
           f"{same_text}/{args.seeds}, same token ids {same_ids}/{args.seeds}, same log Z "
           f"{same_z}/{args.seeds}")
 
