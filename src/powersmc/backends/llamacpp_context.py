@@ -93,8 +93,7 @@ class Context:
     def reset(self) -> None:
         """Forget every sequence and cell (the context is idle)."""
         self.ll.llama_memory_clear(self.mem, False)
-        self.used = np.zeros(self.streams, dtype=bool)
-        self.live = 0
+        self.used = np.zeros(self.streams, dtype=bool)  # sequence ids held by a state
         self.length = np.zeros(self.streams, dtype=np.int64)  # cells each sequence holds
 
     def take(self, k: int, prefer: np.ndarray | None = None) -> np.ndarray:
@@ -109,7 +108,6 @@ class Context:
             free = np.concatenate([mine, np.setdiff1d(free, mine, assume_unique=True)])
         ids = free[:k].astype(np.int32)
         self.used[ids], self.length[ids] = True, 0
-        self.live += k
         return ids
 
     def copy(self, src: int, dst: int, p1: int = -1) -> None:
@@ -130,11 +128,15 @@ class Context:
             self.ll.llama_memory_seq_rm(self.mem, int(s), -1, -1)
             self.length[int(s)] = 0
             self.used[int(s)] = False
-        self.live -= len(seqs)
 
     def fits(self, rows: int, length: int) -> bool:
         """Whether `rows` more sequences of at most `length` cells fit."""
         return rows <= self.streams - self.live and length <= self.cells
+
+    @property
+    def live(self) -> int:
+        """Sequence ids held."""
+        return int(self.used.sum())
 
     @property
     def in_use(self) -> int:

@@ -20,6 +20,7 @@ import math
 import os
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,27 +46,14 @@ class LlamaCppLM(GGUFModel):
     """`LanguageModel` over a GGUF file run by llama.cpp (CPU; GPU offload if the build has it).
 
     Args: those of `GGUFModel` (path, threads, chat, system_prompt, eos_token_ids,
-    gpu_layers, name, weights), and
+    gpu_layers, name, weights), passed on to it, and
         n_ctx: KV cells per row: the longest prompt plus generated tokens a row can hold
             (default: sized per prefill from its prompts and `budget`).
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        threads: int | None = None,
-        chat: bool | None = None,
-        system_prompt: str | None = None,
-        eos_token_ids: Sequence[int] | None = None,
-        n_ctx: int | None = None,
-        gpu_layers: int = 0,
-        name: str | None = None,
-        weights: str = "auto",
-    ) -> None:
-        super().__init__(path, threads=threads, chat=chat, system_prompt=system_prompt,
-                         eos_token_ids=eos_token_ids, gpu_layers=gpu_layers, name=name,
-                         weights=weights)
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None,
+                 **model: Any) -> None:
+        super().__init__(path, **model)
         self.n_ctx = n_ctx
         self.max_rows: int | None = MAX_SEQUENCES  # a stream per row
         self.joins_running = True
