@@ -62,6 +62,20 @@ def test_two_workers_give_the_rows_of_one_worker_and_of_one_process(pool, tmp_pa
         tmp_path / "two4")
 
 
+def test_budget_is_calibrated_on_the_workers_as_in_one_process(pool, tmp_path):
+    """`--budget` with workers: the calibration's points run as units on the workers and give
+    the figures and knobs of the calibration in one process, and then the same rows."""
+    kw = {**KW, "methods": ["smc", "maj", "bon", "mh"], "seeds": [0],
+          "options": {"num_blocks": 2}, "budget": 4}
+    here = run_eval(faulty_lm(), problems(8), out_dir=tmp_path / "here", **kw)
+    two = run_eval(pool, problems(8), out_dir=tmp_path / "two", **kw)
+    calibration = [json.loads((tmp_path / d / "config.json").read_text())["budget"]
+                   for d in ("here", "two")]
+    assert calibration[0] == calibration[1]
+    assert set(calibration[0]["points"]) == {"maj", "bon", "mh"}
+    assert len(here) == 32 and rows(two) == rows(here)
+
+
 def test_a_killed_worker_loses_and_duplicates_nothing(pool, tmp_path):
     marker = tmp_path / "killed"
     probs = problems(extra=(f"kill-once {marker}",))

@@ -120,9 +120,6 @@ def cmd_eval(args: argparse.Namespace, out: TextIO) -> int:
     if args.ray_address is not None and args.workers is None:
         raise InputError("--ray-address", "used only with --workers", args.ray_address)
     check_budget(args.budget)
-    if args.budget is not None and args.workers is not None:
-        raise InputError("--budget", "a run in this process (its calibration runs here; not "
-                         "with --workers yet)", args.budget)
     _check_sampling(args)
     problems = load_problems(args.dataset, limit=args.limit, subset=args.subset)
     builtin = args.dataset in BUILTIN_SETS

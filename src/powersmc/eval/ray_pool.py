@@ -23,6 +23,7 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,52 +198,73 @@ class WorkerPool:
         self.stats = {}
         if not units:
             return
+        def done(i: int, rows: list[dict]) -> None:
+            for row in rows:
+                log.write(row)
+
+        start = time.perf_counter()
+        try:
+            self._drive([(u, settings) for u in units], done=done,
+                        failed=lambda i, error, n: log.fail(units[i].keys, error, n))
+        finally:
+            self._write_stats(log, time.perf_counter() - start)
+
+    def run_each(self, jobs: list[tuple[Unit, Settings]]) -> list[list[dict]]:
+        """Each job's rows, in order, the jobs spread over the workers (`--budget`'s
+        calibration points); a job that fails on every attempt raises `WorkerError`."""
+        got: dict[int, list[dict]] = {}
+        errors: list[str] = []
+        self._drive(jobs, done=got.__setitem__, failed=lambda i, error, n: errors.append(error))
+        if errors:
+            raise WorkerError(f"a unit failed on every attempt: {errors[0]}")
+        return [got[i] for i in range(len(jobs))]
+
+    def _drive(self, jobs: list[tuple[Unit, Settings]], *,
+               done: Callable[[int, list[dict]], object],
+               failed: Callable[[int, str, int], object]) -> None:
+        """Run `jobs` on the ready workers, retried as the module docstring says: `done(i,
+        rows)` as job i ends, `failed(i, error, attempts)` when it has failed for good."""
         ray = self._ray
         for slot in self._slots:  # the figures are this run's
             slot.units = slot.answers = slot.failures = slot.restarts = 0
             slot.seconds = 0.0
-        queue = deque(range(len(units)))
-        attempts = [0] * len(units)
-        start = time.perf_counter()
-        try:
-            while queue or any(i is not None for _, i in self._pending.values()):
-                for slot in self._slots:
-                    if queue and slot.ready and not slot.busy:
-                        u = queue.popleft()
-                        slot.busy = True
-                        self._pending[slot.actor.run.remote(units[u], settings)] = (slot, u)
-                if not self._pending:
-                    raise WorkerError(f"every Ray worker failed to start: {self._last}")
-                [ref], _ = ray.wait(list(self._pending), num_returns=1)
-                slot, i = self._pending.pop(ref)
-                try:
-                    value = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    died = not isinstance(exc, ray.exceptions.RayTaskError)
-                    error = ("worker died: " if died else "") + _error(exc)
-                    self._last = {"worker": slot.index, "error": error}
-                    if i is not None:
-                        attempts[i] += 1
-                        if attempts[i] < MAX_ATTEMPTS:
-                            queue.appendleft(i)
-                        else:
-                            log.fail(units[i].keys, error, attempts[i])
-                            slot.failures += 1
-                    slot.busy = False
-                    if died or i is None:
-                        self._replace(slot, failed_start=i is None)
-                    continue
+        queue = deque(range(len(jobs)))
+        attempts = [0] * len(jobs)
+        while queue or any(i is not None for _, i in self._pending.values()):
+            for slot in self._slots:
+                if queue and slot.ready and not slot.busy:
+                    u = queue.popleft()
+                    slot.busy = True
+                    self._pending[slot.actor.run.remote(*jobs[u])] = (slot, u)
+            if not self._pending:
+                raise WorkerError(f"every Ray worker failed to start: {self._last}")
+            [ref], _ = ray.wait(list(self._pending), num_returns=1)
+            slot, i = self._pending.pop(ref)
+            try:
+                value = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                died = not isinstance(exc, ray.exceptions.RayTaskError)
+                error = ("worker died: " if died else "") + _error(exc)
+                self._last = {"worker": slot.index, "error": error}
+                if i is not None:
+                    attempts[i] += 1
+                    if attempts[i] < MAX_ATTEMPTS:
+                        queue.appendleft(i)
+                    else:
+                        failed(i, error, attempts[i])
+                        slot.failures += 1
                 slot.busy = False
-                if i is None:
-                    slot.info, slot.ready, slot.start_failures = value, True, 0
-                    continue
-                rows, seconds = value
-                for row in rows:
-                    log.write(row)
-                slot.units, slot.answers, slot.seconds = (
-                    slot.units + 1, slot.answers + len(rows), slot.seconds + seconds)
-        finally:
-            self._write_stats(log, time.perf_counter() - start)
+                if died or i is None:
+                    self._replace(slot, failed_start=i is None)
+                continue
+            slot.busy = False
+            if i is None:
+                slot.info, slot.ready, slot.start_failures = value, True, 0
+                continue
+            rows, seconds = value
+            done(i, rows)
+            slot.units, slot.answers, slot.seconds = (
+                slot.units + 1, slot.answers + len(rows), slot.seconds + seconds)
 
     def _replace(self, slot: _Slot, failed_start: bool) -> None:
         """Kill the slot's actor and start a new one, unless its starts keep failing."""

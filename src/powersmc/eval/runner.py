@@ -8,15 +8,24 @@ resumes it (`eval.store`), other settings are refused. The work is a list of uni
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from powersmc.backends.protocol import LanguageModel
 from powersmc.errors import InputError
-from powersmc.eval.budget import calibrate, check_budget
+from powersmc.eval.budget import (
+    CALIBRATION_PROBLEMS,
+    calibrate,
+    check_budget,
+    in_process_costs,
+    worker_costs,
+)
 from powersmc.eval.data import Problem
 from powersmc.eval.labels import model_label
 from powersmc.eval.prompts import render
@@ -43,21 +52,24 @@ def _check_config(out: Path, config: dict) -> None:
         cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _budget(model: Any, out: Path, config: dict, problems: list[Problem], template: str,
-            budget: int) -> dict:
+def _budget(out: Path, config: dict, problems: list[Problem], template: str, budget: int,
+            on_workers: Callable[[], WorkerPool | None], here: Callable[[], LanguageModel]
+            ) -> dict:
     """The run's calibration for `budget`: the recorded one when resuming the same run (its
-    measurements are logged on stderr)."""
+    measurements are logged on stderr), else measured on the run's workers, or here."""
     path = out / CONFIG
     if path.exists():
         old = json.loads(path.read_text()).get("budget")
         if old and old.get("particles") == budget:
             return old
-    if not isinstance(model, LanguageModel):
-        raise InputError("--budget", "an in-process run (its calibration runs here; not with "
-                         "--workers yet)", budget)
-    return calibrate(model, problems, [render(template, p.question) for p in problems],
-                     config["methods"], budget, config["alpha"], config["max_new_tokens"],
-                     config["options"], progress=lambda m: print(m, file=sys.stderr))
+    probs = problems[:CALIBRATION_PROBLEMS]
+    prompts = [render(template, p.question) for p in probs]
+    alpha, tokens = config["alpha"], config["max_new_tokens"]
+    pool = on_workers()
+    costs = worker_costs(pool, probs, prompts, alpha, tokens) if pool is not None else \
+        in_process_costs(here(), probs, prompts, alpha, tokens)
+    return calibrate(costs, config["methods"], budget, config["options"], [p.id for p in probs],
+                     progress=lambda m: print(m, file=sys.stderr))
 
 
 def run_eval(
@@ -85,7 +97,8 @@ def run_eval(
     starting a local one); or a started `WorkerPool`. Units that fail on every attempt on Ray
     are recorded in failures.jsonl (the in-process path stops at the first exception).
     `budget` = N: every method's knob set for the token-evals of Power-SMC with N particles
-    (`eval.budget`), calibrated on the first problems (in process) and recorded in the config.
+    (`eval.budget`), calibrated on the first problems (here, or on the workers) and recorded
+    in the config.
     """
     if ray_address is not None and workers is None:
         raise InputError("ray_address", "set only with workers", ray_address)
@@ -110,26 +123,38 @@ def run_eval(
               "problems": [p.id for p in problems], **(config_extra or {})}
     if batch_prompts > 1:  # absent at 1, so runs made before the option still resume
         config["batch_prompts"] = batch_prompts
-    if budget is not None:
-        check_budget(budget)
-        config["budget"] = _budget(model, out, config, problems, template, budget)
-    _check_config(out, config)
-    knobs = config["budget"]["knobs"] if budget is not None else {}
-    settings = Settings(alpha, max_new_tokens, options, knobs)
-    with RunLog(out, len(problems) * len(seeds) * len(methods), progress) as log:
+    with ExitStack() as stack:
+        @functools.cache
+        def on_workers() -> WorkerPool | None:
+            """The workers that run this run's units, started at first use (None: here)."""
+            if isinstance(model, WorkerPool):
+                return model
+            return None if pool is None else stack.enter_context(pool)
+
+        @functools.cache
+        def here() -> LanguageModel:
+            """The model that runs this run's units in this process, built at first use."""
+            assert not isinstance(model, WorkerPool)
+            return model.build() if isinstance(model, ModelSpec) else model
+
+        if budget is not None:
+            check_budget(budget)
+            config["budget"] = _budget(out, config, problems, template, budget, on_workers, here)
+        _check_config(out, config)
+        knobs = config["budget"]["knobs"] if budget is not None else {}
+        settings = Settings(alpha, max_new_tokens, options, knobs)
+        log = stack.enter_context(RunLog(out, len(problems) * len(seeds) * len(methods),
+                                         progress))
         units = plan(problems, methods, seeds, template, batch_prompts, log.done)
-        if isinstance(model, WorkerPool):
-            model.run(units, settings, log)
-        elif units and pool is not None:  # (a finished run starts no workers)
-            with pool:
-                pool.run(units, settings, log)
+        runner = on_workers() if units or isinstance(model, WorkerPool) else None
+        if runner is not None:  # (a finished run starts no workers)
+            runner.run(units, settings, log)
         elif units:
-            lm = model.build() if isinstance(model, ModelSpec) else model
             batched = [u for u in units if u.batched]
             if batched:  # P systems in flight across all of them, rows written as they finish
-                run_stream(lm, batched, settings, batch_prompts, log.write)
+                run_stream(here(), batched, settings, batch_prompts, log.write)
             for unit in units:
                 if not unit.batched:
-                    for row in run_unit(lm, unit, settings):
+                    for row in run_unit(here(), unit, settings):
                         log.write(row)
         return log.results
