@@ -21,78 +21,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import statistics
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
+from toy_lms import ALPHA, TOYS, mc_floor, raw_output_stats, toy
 
-from powersmc import FunctionLM, smc_sample_many
-from powersmc.exact import power_distribution, total_variation
+from powersmc import smc_sample_many
 from powersmc.methods.options import ORDERS
-
-ALPHA = 4.0
-PROMPT = [3]
-
-
-def _trap(prefix: tuple[int, ...]) -> list[float]:
-    """The trap of tests/toy_models.py: A is rare but confident, B likely but uncertain."""
-    gen = prefix[1:]
-    if not gen:
-        return [math.log(1e-3), math.log(0.4), math.log(0.6 - 1e-3), -math.inf]
-    if gen[0] == 1:
-        return [math.log(0.3), math.log(0.65), math.log(0.03), math.log(0.02)]
-    return [math.log(0.25)] * 4
-
-
-def _random(concentration: float):
-    def logits(prefix: tuple[int, ...]) -> list[float]:
-        rng = random.Random(hash(prefix) ^ 0x5EED)
-        return [math.log(rng.gammavariate(concentration, 1.0) + 1e-9) for _ in range(4)]
-    return logits
-
-
-TOYS = {  # name: (conditionals, horizon)
-    "trap (T=4)": (_trap, 4),
-    "random (T=4)": (_random(0.6), 4),
-    "random (T=7)": (_random(1.0), 7),
-}
-
-
-def _floor(pi: dict, runs: int, reps: int = 20) -> float:
-    """Mean TV of the empirical distribution of `runs` exact draws from pi (the MC floor)."""
-    keys, probs = list(pi), list(pi.values())
-    rng = random.Random(0)
-    tvs = []
-    for _ in range(reps):
-        c = Counter(rng.choices(range(len(keys)), probs, k=runs))
-        tvs.append(total_variation({keys[i]: n / runs for i, n in c.items()}, pi))
-    return statistics.fmean(tvs)
 
 
 def toy_part(runs: int, particles: list[int]) -> list[dict]:
     rows = []
-    for name, (fn, horizon) in TOYS.items():
-        lm = FunctionLM(fn, vocab_size=4, eos_token_ids=[0])
-        pi, log_z = power_distribution(lm, PROMPT, horizon, ALPHA)
-        floor = _floor(pi, runs)
+    for name in TOYS:
+        _, _, pi, _ = toy(name)
+        floor = mc_floor(pi, runs)
         for n in particles:
             for order in ORDERS:
-                out = []
-                for k in range(0, runs, 500):
-                    out += smc_sample_many(lm, [PROMPT] * min(500, runs - k), alpha=ALPHA,
-                                           particles=n, max_new_tokens=horizon, order=order,
-                                           seed=1_000 + k)
-                emp = Counter(tuple(r.token_ids) for r in out)
-                lz = [r.log_z - log_z for r in out]
-                row = {"model": name, "N": n, "order": order, "runs": runs,
-                       "tv_raw": total_variation({k: v / runs for k, v in emp.items()}, pi),
-                       "tv_floor": floor, "var_log_z": statistics.variance(lz),
-                       "mean_z_ratio": statistics.fmean(math.exp(v) for v in lz),
-                       "resamples_per_run": statistics.fmean(len(r.resample_steps) for r in out)}
+                row = {**raw_output_stats(name, n, runs, order=order), "order": order,
+                       "tv_floor": floor}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows

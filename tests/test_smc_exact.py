@@ -279,6 +279,17 @@ def test_aligned_resampling_is_exact(model, order, resampler, ramp):
                   f"{model}/{order}/align=2")
 
 
+def test_default_schedule_is_algorithm_1_where_copies_are_free():
+    """The default resample_align='block' takes the engine's fork_block: 1 on engines that
+    copy a row with its cache, so there the default run is Algorithm 1's, bit for bit."""
+    for lm in (trap_lm(), random_lm()):
+        kw = dict(particles=8, max_new_tokens=HORIZON, ess_threshold=1.0, seed=11)
+        a, b = smc_sample(lm, PROMPT, **kw), smc_sample(lm, PROMPT, resample_align=1, **kw)
+        assert a.resample_steps and a.resample_steps == b.resample_steps
+        assert (a.token_ids, a.log_z, a.ess) == (b.token_ids, b.log_z, b.ess)
+        assert a.stats["resample_align"] == 1
+
+
 def test_resample_align_is_checked():
     from powersmc.errors import InputError
 

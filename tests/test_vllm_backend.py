@@ -169,10 +169,10 @@ def test_resampled_particles_weights_equal_a_from_scratch_computation(vllm_lm, h
 
 
 def test_block_aligned_resampling_recomputes_one_token(vllm_lm):
-    """resample_align='block' resamples only where prompt + generated length is 1 mod the KV
-    block, so every re-submitted particle finds all but its newest token in the prefix
-    cache (vLLM reports num_cached_tokens per request). EOS is off, so no particle finishes
-    before the aligned step."""
+    """vLLM's default schedule (resample_align='block') resamples only where prompt +
+    generated length is 1 mod the KV block, so every re-submitted particle finds all but its
+    newest token in the prefix cache (vLLM reports num_cached_tokens per request). EOS is
+    off, so no particle finishes before the aligned step."""
     from powersmc.bench import NoEOS
 
     ids = vllm_lm.encode_prompt(PROMPT)
@@ -189,7 +189,7 @@ def test_block_aligned_resampling_recomputes_one_token(vllm_lm):
     vllm_lm.engine.step = recording_step
     try:
         r = smc_sample(NoEOS(vllm_lm), PROMPT, alpha=ALPHA, particles=4, ess_threshold=1.0,
-                       max_new_tokens=block + 8, resample_align="block", seed=3)
+                       max_new_tokens=block + 8, seed=3)  # the default schedule
     finally:
         del vllm_lm.engine.step
     assert r.resample_steps and all((len(ids) + t - 1) % block == 0 for t in r.resample_steps)
@@ -210,7 +210,8 @@ def test_several_prompts_adapted_order_and_baselines_run(vllm_lm):
     from powersmc import bon_sample, mh_sample, sample, smc_sample_many
 
     rs = smc_sample_many(vllm_lm, [PROMPT, "Name a colour."], particles=4, max_new_tokens=8,
-                         seed=0, order="adapted", ess_threshold=1.0)
+                         seed=0, order="adapted", ess_threshold=1.0,
+                         resample_align=1)  # Algorithm 1's schedule: resampling at once
     assert len(rs) == 2 and all(r.resample_steps for r in rs)
     for r in rs:
         assert all(1 <= len(p.token_ids) <= 8 for p in r.particles)
@@ -228,7 +229,8 @@ def test_several_prompts_adapted_order_and_baselines_run(vllm_lm):
     from powersmc.runtime.api import run_method
 
     rm = run_method("smc-rm", vllm_lm, PROMPT, alpha=4.0, max_new_tokens=8, seed=0,
-                    particles=4, ess_threshold=1.0)  # resumed systems join with their prefixes
+                    particles=4, ess_threshold=1.0,
+                    resample_align=1)  # resumed systems join with their prefixes
     assert rm.resample_steps and rm.stats["moves_proposed"] > 0
     assert all(1 <= len(p.token_ids) <= 8 for p in rm.particles)
     maj = run_method("maj", vllm_lm, PROMPT, alpha=4.0, max_new_tokens=8, seed=0, particles=4)

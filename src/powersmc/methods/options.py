@@ -114,9 +114,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("order", str, "standard", ("smc",),
            "SMC: standard (Algorithm 1) or adapted (resample before the draw)",
            lambda n, v: check_order(v)),
-    Option("resample_align", int, 1, SMC,
-           "SMC: resample only where the length is 1 mod B; 'block': the engine's KV block "
-           "(vLLM: copies without recomputation); 1: at once (Algorithm 1)",
+    Option("resample_align", int, "block", SMC,
+           "SMC: resample only where the length is 1 mod B; 'block' (default): wherever the "
+           "engine copies a row without recomputation (at once, as Algorithm 1, on llama.cpp "
+           "and Transformers; on vLLM its KV block); 1: at once on every engine",
            lambda n, v: check_resample_align(v, n), parse=_align_arg, served=False),
     Option("rounds", int, 1, ("smc", "smc-adapted", "ccps"), "SMC: independent particle "
            "systems, combined by their evidence", check_positive_int, served=False),

@@ -48,7 +48,7 @@ class Options:
               max_new_tokens: int = 512, tau: float | None = None,
               proposal: Proposal | None = None, top_k: int | None = None,
               top_p: float | None = None, order: str = "standard",
-              resample_align: int | str = 1) -> Options:
+              resample_align: int | str = "block") -> Options:
         alpha = check_alpha(alpha)
         v = check_all(dict(particles=particles, ess_threshold=ess_threshold,
                            resampler=resampler, ramp_tokens=ramp_tokens, order=order,

@@ -75,7 +75,7 @@ def smc_sample_many(
     select: str = "sample",
     key: AnswerKey | None = None,
     order: str = "standard",
-    resample_align: int | str = 1,
+    resample_align: int | str = "block",
 ) -> list[SMCResult]:
     """Power-SMC for P prompts in one batch of P x N particles: one answer per prompt.
 
@@ -123,11 +123,13 @@ def smc_sample_many(
             at which its sequences' length (prompt + generated) is 1 mod B, not at once
             (1: at once, Algorithm 1). Any rule that decides from the past is a valid SMC
             schedule: the target, the weights and the evidence's unbiasedness are unchanged;
-            the particles only stay unbalanced for up to B - 1 more steps. 'block' takes the
-            engine's `fork_block`: on vLLM, whose prefix cache reuses whole KV blocks only, a
-            copy made at such a step recomputes one token instead of up to a block (on CPU,
-            where recomputation is as dear as decoding, N = 16 and T = 256 went from 1.6x
-            vLLM's own sampling of 16 sequences to 0.96x, docs/benchmarks.md); elsewhere 1.
+            the particles only stay unbalanced for up to B - 1 more steps. 'block' (the
+            default) takes the engine's `fork_block`: 1 on llama.cpp, Transformers and
+            FunctionLM, where a row is copied with its cache (so the default is Algorithm 1
+            there); on vLLM, whose prefix cache reuses whole KV blocks only, the block, where a
+            copy recomputes one token instead of up to a block (on CPU, N = 16 and T = 256 went
+            from 1.6x vLLM's own sampling of 16 sequences to 0.96x; what the deferral costs in
+            TV to pi_alpha at equal N on toy LMs: docs/benchmarks.md).
 
     Cost per result: `token_evals`, `prefill_tokens` and `forward_passes` are that system's
     own; `seconds` runs from its admission to its last token. The systems run through one
