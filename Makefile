@@ -49,7 +49,7 @@ demo: $(CORE)
 test: $(ALL)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m mypy
-	$(PY) -m pytest -q --durations=30
+	$(PY) -m pytest -q -n 2 --durations=30
 	.ci/wheel-check $(PY)
 
 lint: $(ALL)

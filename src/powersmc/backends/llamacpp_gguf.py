@@ -21,6 +21,13 @@ WEIGHTS = ("auto", "file", *COPIES)
 NO_GEMM_FTYPES = (3, 9)  # LLAMA_FTYPE_MOSTLY_Q4_1, _Q5_1: no batched CPU matmul kernel
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask: taskset, cgroups, pytest-xdist)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class GGUFModel:
     """A GGUF file loaded by llama.cpp: its weights (the file's or a copy), metadata, EOS ids,
     tokenizer and chat template; `LlamaCppLM` adds the batched KV cache.
@@ -66,7 +73,7 @@ class GGUFModel:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                     or threads < 1):
             raise InputError("threads", "an integer >= 1", threads)
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or usable_cores()
         if weights not in WEIGHTS:
             raise InputError("weights", f"one of {', '.join(WEIGHTS)}", weights)
         ll.llama_backend_init()
@@ -200,7 +207,7 @@ def _copy(ll, path: Path, kind: str) -> Path:
     params = ll.llama_model_quantize_default_params()
     params.ftype = COPIES[kind]
     params.allow_requantize = True
-    params.nthread = os.cpu_count() or 1
+    params.nthread = usable_cores()
     if ll.llama_model_quantize(str(path).encode(), str(tmp).encode(), ctypes.byref(params)):
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"llama.cpp could not write a {kind} copy of {path} to {cache}")
