@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from powersmc.eval.builtin import MULTI_FAMILIES, builtin_problems, multi_problems
+from powersmc.eval.builtin import (
+    LONG_FAMILIES,
+    MULTI_FAMILIES,
+    builtin_problems,
+    long_problems,
+    multi_problems,
+)
 from powersmc.eval.data import load_problems
 from powersmc.eval.grading import answer_key, grade
 
@@ -92,3 +98,53 @@ def test_vote_pools_the_same_multi_digit_answer():
     keys = {answer_key(t, "first-number") for t in (" 124\nQ:", " 124.\nQ: What", "124 ")}
     assert keys == {answer_key("124", "first-number")}
     assert answer_key(" 12\n4", "first-number") != answer_key(" 124", "first-number")
+
+
+def _worked(question: str, shown: str) -> int:
+    """Check every step of a worked answer and return its result (the question's value)."""
+    if m := re.fullmatch(r"What is (\d+) times (\d+)\?", question):
+        value = int(m[1]) * int(m[2])
+        for k, x, y in re.findall(r"(\d+) times (\d+) is (\d+)", shown):
+            assert int(k) * int(x) == int(y) and k == m[1], shown
+    else:
+        m = re.fullmatch(r"What is (\d+(?: [+-] \d+)+)\?", question)
+        assert m, question
+        value = eval(m[1])  # noqa: S307 - digits, + and - only (matched above)
+    for a, op, b, c in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", shown):
+        assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c), shown
+    assert shown.endswith(f"The answer is {value}."), shown
+    return value
+
+
+def test_long_is_deterministic_worked_and_right():
+    """'builtin-long': the same list twice, balanced, every example's steps and result and
+    every reference checked from the text."""
+    a, b = long_problems(), long_problems()
+    assert [(p.id, p.question, p.answer) for p in a] == [(p.id, p.question, p.answer) for p in b]
+    assert len(a) == 1000 and len({p.id for p in a}) == 1000
+    counts = Counter(p.meta["subject"] for p in a)
+    assert set(counts) == set(LONG_FAMILIES) and max(counts.values()) - min(counts.values()) <= 1
+    for p in a:
+        pairs = _pairs(p.question)
+        assert len(pairs) == 5 and p.question.endswith("\nA:") and p.kind == "line-last-number"
+        for q, shown in pairs[:-1]:
+            _worked(q, shown.strip())
+        assert pairs[-1][1] == ""
+        q = pairs[-1][0]
+        value = int(q.split()[2]) * int(q.split()[4][:-1]) if "times" in q else eval(  # noqa: S307
+            q.removeprefix("What is ").removesuffix("?"))
+        assert int(p.answer) == value, p.id
+    assert load_problems("builtin-long", limit=3) == a[:3]
+
+
+@pytest.mark.parametrize(("text", "correct"), [
+    (" 23 + 45 = 68, 68 + 17 = 85. The answer is 85.\nQ: What is 12", True),
+    (" 23 + 45 = 68, 68 + 17 = 85.\n", True),        # the result is the line's last number
+    (" 23 + 45 = 68, 68 + 17 = 86. The answer is 86.\nQ: 85", False),
+    ("\n 85\nQ:", True),                              # a leading newline is not the line
+    (" The answer is\n85", False),                     # no number on the first line
+])
+def test_worked_answers_are_graded_on_the_first_lines_last_number(text, correct):
+    assert grade(text, "85", "line-last-number").correct is correct
+    assert (answer_key(text, "line-last-number") == answer_key("85", "line-last-number")) \
+        is correct

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     e = sub.add_parser("eval", help="evaluate methods on a data set (resumable)")
     e.add_argument("--dataset", required=True,
-                   help="builtin, builtin-multi, math500, gsm8k, a JSONL path or a hub id")
+                   help="builtin, builtin-multi, builtin-long, math500, gsm8k, a JSONL path or "
+                   "a hub id")
     e.add_argument("--methods", default="plain,lowtemp,mh,spower,smc",
                    help=f"comma-separated, of {every}")
     e.add_argument("--seeds", default="0", help="comma-separated seeds")

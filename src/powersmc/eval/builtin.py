@@ -13,6 +13,14 @@ writes ('first-number' grading).
   its most likely whole answer, so pi_alpha and tempering differ. Chosen by measuring both
   exactly with the model (benchmarks/pi_vs_tempered.py, docs/results/pi-vs-tempered), among
   candidates that were either solved or failed near always, or where the two coincide.
+* 'builtin-long' (LONG_FAMILIES, 1000 problems): sums worked out step by step on one line
+  ('29 + 3 = 32, 32 + 6 = 38. The answer is 38.'), about 33 tokens, graded as the last number
+  of the answer's first line ('line-last-number'). Chosen by measuring Power-SMC against
+  low-temperature decoding on seven candidates (benchmarks/long_family.py,
+  docs/results/long-family): the kept three are solved 20-60% of the time and their answer
+  laws under pi_alpha and tempering differ well beyond Monte Carlo error; the other four
+  (three-term sums and differences of two-digit numbers, products split by tens, four-term
+  sums) were failed near always.
 """
 
 from __future__ import annotations
@@ -23,11 +31,14 @@ from collections.abc import Callable
 from powersmc.eval.problem import Problem
 
 Family = Callable[[random.Random], tuple[str, int]]
+Worked = Callable[[random.Random], tuple[str, str, int]]  # question, worked answer, result
 
 SIZE = 120
 SEED = 20260
 MULTI_SIZE = 1000
 MULTI_SEED = 20261
+LONG_SIZE = 1000
+LONG_SEED = 20262
 
 
 def _add(rng: random.Random) -> tuple[str, int]:
@@ -84,17 +95,83 @@ MULTI_FAMILIES: dict[str, Family] = {"add-2d": _add_2d, "add-2d1d": _add_2d1d,
                                      "count-by": _count_by}
 
 
-def few_shot(rng: random.Random, family: Family) -> tuple[str, int]:
+def _chain_add(rng: random.Random) -> tuple[str, str, int]:
+    a, b, c = (rng.randint(11, 49) for _ in range(3))
+    return (f"What is {a} + {b} + {c}?",
+            f"{a} + {b} = {a + b}, {a + b} + {c} = {a + b + c}. The answer is {a + b + c}.",
+            a + b + c)
+
+
+def _chain_mixed(rng: random.Random) -> tuple[str, str, int]:
+    a, b, c = rng.randint(50, 89), rng.randint(11, 39), rng.randint(11, 39)
+    return (f"What is {a} - {b} + {c}?",
+            f"{a} - {b} = {a - b}, {a - b} + {c} = {a - b + c}. The answer is {a - b + c}.",
+            a - b + c)
+
+
+def _times_split(rng: random.Random) -> tuple[str, str, int]:
+    k, n = rng.randint(3, 9), rng.randint(12, 49)
+    tens, ones = n - n % 10, n % 10
+    return (f"What is {k} times {n}?",
+            f"{k} times {tens} is {k * tens}, {k} times {ones} is {k * ones}, "
+            f"{k * tens} + {k * ones} = {k * n}. The answer is {k * n}.", k * n)
+
+
+def _sum4(rng: random.Random) -> tuple[str, str, int]:
+    xs = [rng.randint(11, 29) for _ in range(4)]
+    run = [sum(xs[: i + 1]) for i in range(4)]
+    steps = [f"{xs[0]} + {xs[1]} = {run[1]}"] + [
+        f"{run[i - 1]} + {xs[i]} = {run[i]}" for i in range(2, 4)]
+    return (f"What is {' + '.join(map(str, xs))}?",
+            ", ".join(steps) + f". The answer is {run[3]}.", run[3])
+
+
+def _add_small3(rng: random.Random) -> tuple[str, str, int]:
+    a, b, c = rng.randint(12, 79), rng.randint(2, 9), rng.randint(2, 9)
+    return (f"What is {a} + {b} + {c}?",
+            f"{a} + {b} = {a + b}, {a + b} + {c} = {a + b + c}. The answer is {a + b + c}.",
+            a + b + c)
+
+
+def _add_thrice(rng: random.Random) -> tuple[str, str, int]:
+    a, k = rng.randint(12, 69), rng.randint(2, 9)
+    return (f"What is {a} + {k} + {k} + {k}?",
+            f"{a} + {k} = {a + k}, {a + k} + {k} = {a + 2 * k}, {a + 2 * k} + {k} = "
+            f"{a + 3 * k}. The answer is {a + 3 * k}.", a + 3 * k)
+
+
+def _double_twice(rng: random.Random) -> tuple[str, str, int]:
+    a = rng.randint(11, 24)
+    return (f"What is {a} + {a} + {2 * a}?",
+            f"{a} + {a} = {2 * a}, {2 * a} + {2 * a} = {4 * a}. The answer is {4 * a}.", 4 * a)
+
+
+LONG_CANDIDATES: dict[str, Worked] = {"chain-add": _chain_add, "chain-mixed": _chain_mixed,
+                                      "times-split": _times_split, "sum4": _sum4,
+                                      "add-small3": _add_small3, "add-thrice": _add_thrice,
+                                      "double-twice": _double_twice}
+LONG_FAMILIES: dict[str, Worked] = {k: LONG_CANDIDATES[k]
+                                    for k in ("add-small3", "add-thrice", "double-twice")}
+
+
+def _answer_first(family: Family) -> Worked:
+    def worked(rng: random.Random) -> tuple[str, str, int]:
+        q, a = family(rng)
+        return q, str(a), a
+    return worked
+
+
+def few_shot(rng: random.Random, family: Worked) -> tuple[str, int]:
     """A prompt of four solved examples of `family` and one question ending in 'A:', and the
     question's answer."""
     examples = [family(rng) for _ in range(4)]
-    q, a = family(rng)
-    lines = [f"Q: {sq}\nA: {sa}" for sq, sa in examples]
+    q, _, a = family(rng)
+    lines = [f"Q: {sq}\nA: {shown}" for sq, shown, _ in examples]
     return "\n".join(lines) + f"\nQ: {q}\nA:", a
 
 
-def builtin_problems(size: int = SIZE, seed: int = SEED, families: dict[str, Family] = FAMILIES,
-                     prefix: str = "builtin") -> list[Problem]:
+def worked_problems(size: int, seed: int, families: dict[str, Worked], prefix: str,
+                    kind: str) -> list[Problem]:
     """`size` problems, cycling through the families; the same list on every machine.
     Ids are '<prefix>-<index>-<family>', the index zero-padded to at least three digits."""
     rng = random.Random(seed)
@@ -104,9 +181,16 @@ def builtin_problems(size: int = SIZE, seed: int = SEED, families: dict[str, Fam
     for i in range(size):
         name = names[i % len(names)]
         text, answer = few_shot(rng, families[name])
-        out.append(Problem(f"{prefix}-{i:0{width}d}-{name}", text, str(answer), "first-number",
+        out.append(Problem(f"{prefix}-{i:0{width}d}-{name}", text, str(answer), kind,
                            {"subject": name}))
     return out
+
+
+def builtin_problems(size: int = SIZE, seed: int = SEED, families: dict[str, Family] = FAMILIES,
+                     prefix: str = "builtin") -> list[Problem]:
+    """The answer-first sets ('first-number' grading): `size` problems of `families`."""
+    return worked_problems(size, seed, {k: _answer_first(f) for k, f in families.items()},
+                           prefix, "first-number")
 
 
 def multi_problems(size: int = MULTI_SIZE, seed: int = MULTI_SEED) -> list[Problem]:
@@ -114,4 +198,11 @@ def multi_problems(size: int = MULTI_SIZE, seed: int = MULTI_SEED) -> list[Probl
     return builtin_problems(size, seed, MULTI_FAMILIES, "multi")
 
 
-BUILTIN_SETS = {"builtin": builtin_problems, "builtin-multi": multi_problems}
+def long_problems(size: int = LONG_SIZE, seed: int = LONG_SEED) -> list[Problem]:
+    """The 'builtin-long' set: `size` worked problems of LONG_FAMILIES, ids
+    'long-000-chain-add', graded as the last number of the answer's first line."""
+    return worked_problems(size, seed, LONG_FAMILIES, "long", "line-last-number")
+
+
+BUILTIN_SETS = {"builtin": builtin_problems, "builtin-multi": multi_problems,
+                "builtin-long": long_problems}

@@ -50,8 +50,8 @@ def _load_hub(dataset_id: str, split: str) -> list[dict]:
 
 def load_problems(dataset: str, *, limit: int | None = None,
                   subset: str | None = None) -> list[Problem]:
-    """Problems from 'builtin', 'builtin-multi', 'math500', 'gsm8k', a local JSONL path or a
-    hub dataset id.
+    """Problems from 'builtin', 'builtin-multi', 'builtin-long', 'math500', 'gsm8k', a local
+    JSONL path or a hub dataset id.
 
     'math500' / 'gsm8k' read `$POWERSMC_DATA_DIR/<name>.jsonl` when that file exists, else the
     hub. subset: 'i:j' index range, 'level=5', 'subject=Algebra' (comma-separated, AND-ed).
@@ -71,8 +71,8 @@ def load_problems(dataset: str, *, limit: int | None = None,
         elif dataset.count("/") == 1 and not dataset.startswith((".", "/", "~")):
             records = _load_hub(dataset, "test")
         else:
-            raise InputError("dataset", "builtin, builtin-multi, math500, gsm8k, a JSONL path "
-                             "or a hub id", dataset)
+            raise InputError("dataset", "builtin, builtin-multi, builtin-long, math500, gsm8k, "
+                             "a JSONL path or a hub id", dataset)
         problems = [_from_record(r, i) for i, r in enumerate(records)]
     problems = apply_subset(problems, subset)
     if limit is not None:

@@ -164,19 +164,33 @@ def _num_equal(a: str, b: str) -> bool:
         return False
 
 
+def _few_shot_answer(answer: str, kind: str) -> str | None:
+    """The graded number of a few-shot answer: the first number written ('first-number'), or
+    the last number of the first line ('line-last-number': a worked answer ending in its
+    result, before the model goes on with a question of its own)."""
+    text = answer.lstrip("\n").split("\n", 1)[0] if kind == "line-last-number" else answer
+    nums = _NUMBER.findall(text)
+    if not nums:
+        return None
+    return nums[-1 if kind == "line-last-number" else 0].replace(",", "").rstrip(".")
+
+
+FEW_SHOT_KINDS = ("first-number", "line-last-number")
+
+
 def grade(answer: str, reference: str, kind: str) -> GradeResult:
     """Grade `answer` against `reference`. kind: 'math' (boxed, normalized, sympy), 'number'
-    (GSM8K-style: last number of the last box or of the text) or 'first-number' (the built-in
-    few-shot set: the first number written; no math-verify cross-check)."""
+    (GSM8K-style: last number of the last box or of the text), 'first-number' (the built-in
+    few-shot sets: the first number written) or 'line-last-number' (worked few-shot answers:
+    the last number of the first line); the few-shot kinds have no math-verify cross-check."""
     try:
         if kind == "math":
             box = last_boxed(answer)
             ok = box is not None and math_equal(box, reference)
             mv = math_verify_equal(answer, reference) if box is not None else False
             return GradeResult(box, ok, mv)
-        if kind == "first-number":
-            nums = _NUMBER.findall(answer)
-            pred = nums[0].replace(",", "").rstrip(".") if nums else None
+        if kind in FEW_SHOT_KINDS:
+            pred = _few_shot_answer(answer, kind)
             return GradeResult(pred, pred is not None and _num_equal(pred, reference), None)
         box = last_boxed(answer)
         pred = last_number(box if box is not None else answer)
@@ -202,9 +216,8 @@ def answer_key(answer: str, kind: str) -> str | None:
         if kind == "math":
             box = last_boxed(answer)
             return None if box is None else normalize(box)
-        if kind == "first-number":
-            nums = _NUMBER.findall(answer)
-            return _canonical_number(nums[0].replace(",", "").rstrip(".")) if nums else None
+        if kind in FEW_SHOT_KINDS:
+            return _canonical_number(_few_shot_answer(answer, kind))
         box = last_boxed(answer)
         return _canonical_number(last_number(box if box is not None else answer))
     except Exception:  # never crash on a malformed answer: it has no answer

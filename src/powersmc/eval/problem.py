@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Problem:
-    """One problem: `kind` is 'math' (boxed answer, MATH grading), 'number' (GSM8K-style) or
-    'first-number' (the built-in few-shot set)."""
+    """One problem: `kind` is 'math' (boxed answer, MATH grading), 'number' (GSM8K-style),
+    'first-number' (the answer-first built-in sets) or 'line-last-number' ('builtin-long')."""
 
     id: str
     question: str
