@@ -70,7 +70,7 @@ def test_reorder_then_step_matches_recompute(llama_lm, index):
 def test_file_weights_reorder_is_exact():
     """The GGUF's own Q4_1 tensors (no F16 copy): reorder with repeats and drops, then steps,
     equal a from-scratch evaluation to float32 precision."""
-    lm = LlamaCppLM(default_gguf_path(), weights="file", threads=2)
+    lm = LlamaCppLM(default_gguf_path(), weights="file")
     assert lm.weights == "file"
     state, seqs, _ = grow(lm, lm.encode_prompt("Count to five."), 4, 4, seed=1)
     index = [3, 3, 0, 2, 2]
@@ -328,7 +328,7 @@ def test_auto_weights_follow_the_numerics_rule(llama_lm, default_lm):
     the speeds."""
     passing = set()
     for fmt in ("file", "f16", "bf16", "q8_0"):
-        lm = LlamaCppLM(default_gguf_path(), weights=fmt, threads=2)
+        lm = LlamaCppLM(default_gguf_path(), weights=fmt)
         tv, agree = _numerics(lm, default_lm)
         print(f"{fmt}: TV mean {tv:.4f}, argmax agreement {agree:.3f}")
         if tv <= 0.002 and agree >= 0.995:
@@ -441,8 +441,8 @@ def test_long_lived_scheduler_holds_bounded_contexts_and_exact_rows():
 
     gc.collect()
     elsewhere = sum(isinstance(o, Context) for o in gc.get_objects())  # e.g. a fixture's
-    lm = LlamaCppLM(default_gguf_path(), threads=2)
-    ref = LlamaCppLM(default_gguf_path(), threads=2)
+    lm = LlamaCppLM(default_gguf_path())
+    ref = LlamaCppLM(default_gguf_path())
     sched = Scheduler(lm)
     engine, advance = sched.engine, sched.engine.advance
     checked, worst, most = [0], [0.0], [0]
