@@ -95,11 +95,18 @@ MULTI_FAMILIES: dict[str, Family] = {"add-2d": _add_2d, "add-2d1d": _add_2d1d,
                                      "count-by": _count_by}
 
 
+def _sum(*xs: int) -> tuple[str, str, int]:
+    """A sum asked for and worked out as a running total: 'a + b = s, s + c = t. The answer
+    is t.'"""
+    run = [sum(xs[: i + 1]) for i in range(len(xs))]
+    steps = [f"{xs[0]} + {xs[1]} = {run[1]}"] + [
+        f"{run[i - 1]} + {xs[i]} = {run[i]}" for i in range(2, len(xs))]
+    return (f"What is {' + '.join(map(str, xs))}?",
+            ", ".join(steps) + f". The answer is {run[-1]}.", run[-1])
+
+
 def _chain_add(rng: random.Random) -> tuple[str, str, int]:
-    a, b, c = (rng.randint(11, 49) for _ in range(3))
-    return (f"What is {a} + {b} + {c}?",
-            f"{a} + {b} = {a + b}, {a + b} + {c} = {a + b + c}. The answer is {a + b + c}.",
-            a + b + c)
+    return _sum(*(rng.randint(11, 49) for _ in range(3)))
 
 
 def _chain_mixed(rng: random.Random) -> tuple[str, str, int]:
@@ -118,32 +125,21 @@ def _times_split(rng: random.Random) -> tuple[str, str, int]:
 
 
 def _sum4(rng: random.Random) -> tuple[str, str, int]:
-    xs = [rng.randint(11, 29) for _ in range(4)]
-    run = [sum(xs[: i + 1]) for i in range(4)]
-    steps = [f"{xs[0]} + {xs[1]} = {run[1]}"] + [
-        f"{run[i - 1]} + {xs[i]} = {run[i]}" for i in range(2, 4)]
-    return (f"What is {' + '.join(map(str, xs))}?",
-            ", ".join(steps) + f". The answer is {run[3]}.", run[3])
+    return _sum(*(rng.randint(11, 29) for _ in range(4)))
 
 
 def _add_small3(rng: random.Random) -> tuple[str, str, int]:
-    a, b, c = rng.randint(12, 79), rng.randint(2, 9), rng.randint(2, 9)
-    return (f"What is {a} + {b} + {c}?",
-            f"{a} + {b} = {a + b}, {a + b} + {c} = {a + b + c}. The answer is {a + b + c}.",
-            a + b + c)
+    return _sum(rng.randint(12, 79), rng.randint(2, 9), rng.randint(2, 9))
 
 
 def _add_thrice(rng: random.Random) -> tuple[str, str, int]:
     a, k = rng.randint(12, 69), rng.randint(2, 9)
-    return (f"What is {a} + {k} + {k} + {k}?",
-            f"{a} + {k} = {a + k}, {a + k} + {k} = {a + 2 * k}, {a + 2 * k} + {k} = "
-            f"{a + 3 * k}. The answer is {a + 3 * k}.", a + 3 * k)
+    return _sum(a, k, k, k)
 
 
 def _double_twice(rng: random.Random) -> tuple[str, str, int]:
     a = rng.randint(11, 24)
-    return (f"What is {a} + {a} + {2 * a}?",
-            f"{a} + {a} = {2 * a}, {2 * a} + {2 * a} = {4 * a}. The answer is {4 * a}.", 4 * a)
+    return _sum(a, a, 2 * a)
 
 
 LONG_CANDIDATES: dict[str, Worked] = {"chain-add": _chain_add, "chain-mixed": _chain_mixed,
