@@ -132,6 +132,31 @@ def test_limits_queue_systems_in_arrival_order():
         sched.submit(PROMPT, particles=11)
 
 
+def test_a_state_holds_its_row_limit_and_three_states_run_in_one_step():
+    """An engine state holds at most the model's `max_rows` rows (llama.cpp: 256 sequences
+    of a context): systems beyond it open a second and a third state in the same step, one
+    forward each; a system that would open a fourth waits until one drains. Each seeded
+    system is bit-identical to its solo run (`FunctionLM`); a request larger than one state
+    is refused."""
+    from toy_models import row_limited
+
+    lm = random_lm()
+    sizes = row_limited(lm, 8)
+    sched = Scheduler(lm)
+    kw = dict(alpha=4.0, particles=4, max_new_tokens=6, ess_threshold=0.9)
+    hs = [sched.submit(PROMPT, seed=s, **kw) for s in range(8)]
+    sched.step()
+    assert len(sched.live) == 6 and len(sched.waiting) == 2
+    assert sizes == [8, 8, 8] and len(sched.engine.segments) == 3  # three prefills of 8 rows
+    sched.run()
+    assert max(sizes) == 8
+    for s, h in enumerate(hs):
+        alone = smc_sample(random_lm(), PROMPT, seed=s, **kw)
+        assert h.result().token_ids == alone.token_ids and h.result().log_z == alone.log_z
+    with pytest.raises(InputError, match="^particles: at most 8"):
+        sched.submit(PROMPT, particles=9)
+
+
 def test_bad_options_are_refused_at_submit():
     sched = Scheduler(trap_lm())
     for bad, name in [(dict(alpha=0.5), "alpha"), (dict(particles=0), "particles"),

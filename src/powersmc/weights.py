@@ -23,13 +23,16 @@ def normalized_weights(log_w: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_w - total)
 
 
-def ess(log_w: torch.Tensor) -> torch.Tensor:
+def ess(log_w: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
     """Effective sample size ESS = (sum_i W_i^2)^-1 of normalized weights (eq. 6).
 
-    Computed as exp(2 lse(log w) - lse(2 log w)), which never forms the weights themselves.
-    Returns a 0-dim tensor on the weights' device (no host sync).
+    Computed as exp(2 lse(log w) - lse(2 log w)), which never forms the weights themselves
+    (`total`: lse(log w), if the caller has it). Returns a tensor on the weights' device (no
+    host sync).
     """
-    return torch.exp(2.0 * torch.logsumexp(log_w, -1) - torch.logsumexp(2.0 * log_w, -1))
+    if total is None:
+        total = torch.logsumexp(log_w, -1)
+    return torch.exp(2.0 * total - torch.logsumexp(2.0 * log_w, -1))
 
 
 def log_mean_weight(log_w: torch.Tensor) -> torch.Tensor:
@@ -48,10 +51,11 @@ def incremental_log_weight(
     return alpha * logp_token.double() - logq_token.double()
 
 
-def log_power_normalizer(logp: torch.Tensor, alpha: float) -> torch.Tensor:
+def log_power_normalizer(logp: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
     """log Z_t(alpha; prefix) = log sum_v p_t(v)^alpha = (1 - alpha) H_alpha(p_t) (eq. 11, eq. 13).
 
-    `logp` holds next-token log-probabilities over the last dimension. Under the locally optimal
+    `logp` holds next-token log-probabilities over the last dimension; `alpha` a number or a
+    tensor that broadcasts against it (several exponents in one pass). Under the locally optimal
     proposal (Theorem 1) this is exactly the incremental log-weight, whatever token is drawn.
     """
     return torch.logsumexp(alpha * logp.double(), dim=-1)

@@ -74,13 +74,14 @@ class ParticleEngine(Protocol):
 
     device: torch.device
     fork_block: int  # a copy made when a row's length is 1 mod this costs no recomputation
-    max_rows: int | None  # the most live rows the engine holds at once (None: no limit)
+    max_rows: int | None  # the most rows one request may have (None: no limit)
     joins_running: bool  # a request can join while others run (else only an empty batch)
     failed: dict[int, Exception]  # after `advance`: joiners (by place) whose prompt failed
 
     def room(self, prompt_len: int, rows: int, budget: int) -> bool:
-        """Whether a request of `rows` rows, its prompt and `budget` generated tokens fits
-        beside the live ones now (a fixed-size cache); an empty engine always says yes."""
+        """Whether a request of `rows` rows, whose longest row holds `prompt_len` tokens when
+        it joins (prompt and any prefix) and which generates `budget` tokens, fits beside the
+        live ones now (a bounded cache); an empty engine always says yes."""
         ...
 
     def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int,

@@ -6,7 +6,7 @@ drawn here from the model's log-probs; `particle_engine` picks a model's engine.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -38,6 +38,16 @@ class _Joiner:
 
 
 @dataclass
+class _Plan:
+    """Where this step's next joiner goes: the newest segment, with the rows planned into it."""
+
+    state: Any  # the newest segment's model state (None: a segment the plan opens)
+    held: int  # rows that state holds now
+    placed: int  # rows the newest segment will hold, the planned joiners' included
+    opened: int  # segments the plan opens
+
+
+@dataclass
 class _Segment:
     """One model state (on llama.cpp: one context) holding the rows of a run of consecutive
     live systems."""
@@ -63,17 +73,21 @@ class LMParticles:
     empty batch.
 
     Bounded memory on a fixed-size cache (llama.cpp): the model is asked whether a joining
-    system's rows fit beside the state's (`fits`); if not, the system opens a new segment (a
-    fresh context, sized for every live and joining row) and the old one takes no new system:
-    it drains as its systems finish and is freed when empty. A step then makes one forward per
-    segment (two while one drains).
+    system's rows fit beside the state's (`fits`; a state holds at most `model.max_rows` rows,
+    llama.cpp's 256 sequences of a context); if not, the system opens a new segment (a fresh
+    context, sized for every live and joining row) and the old one takes no new system: it
+    drains as its systems finish and is freed when empty. A step makes one forward per
+    segment: 32 systems of 16 rows run as two contexts of 256 rows. At most `max_states`
+    segments live at once; a system that would open one more waits (`room`).
     """
+
+    max_states = 3  # segments (llama.cpp contexts) alive at once: two full, one draining
 
     def __init__(self, model: LanguageModel) -> None:
         self.model = model
         self.device = model.device
         self.fork_block = 1  # rows are copied with their cache, at any length
-        self.max_rows = model.max_rows
+        self.max_rows = model.max_rows  # one request's rows share one state
         self.joins_running = model.joins_running
         self.segments: list[_Segment] = []
         self.logp: torch.Tensor | None = None  # next-token log p of the rows, if computed
@@ -81,6 +95,8 @@ class LMParticles:
         self.specs: list[DrawSpec] = []  # per live system, in row order
         self.counts: list[int] = []  # rows per live system
         self.joining: list[_Joiner] = []
+        self.runs: list[tuple[int, int, bool]] = []  # the joiners' runs (lo, hi, opens one)
+        self.plan: _Plan | None = None  # where the next joiner goes
         self.failed: dict[int, Exception] = {}  # joiners whose prefill failed
         self.alphas: torch.Tensor | None = None  # per-row exponent of the last draw
 
@@ -90,16 +106,51 @@ class LMParticles:
         return self.segments[-1].state if self.segments else None
 
     def room(self, prompt_len: int, rows: int, budget: int) -> bool:
-        return not (self.counts or self.joining) or self.joins_running
+        """An empty engine: yes. Else, where the model joins running batches: whether the
+        request's rows fit without opening more than `max_states` segments."""
+        if not (self.counts or self.joining):
+            return True
+        if not self.joins_running:
+            return False
+        trial = replace(self._planned())
+        opens = self._place(trial, rows, prompt_len + -(-budget // rows) + 1)
+        return len(self.segments) + trial.opened <= self.max_states or not opens
 
     def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int,
               prefixes: Sequence[Sequence[int]] | None = None) -> None:
         head = [int(i) for i in prompt]
         if prefixes is None:
-            self.joining.append(_Joiner([head], rows, spec, budget))
+            j = _Joiner([head], rows, spec, budget)
         else:
-            self.joining.append(_Joiner([head + [int(i) for i in p] for p in prefixes], 1,
-                                        spec, budget))
+            j = _Joiner([head + [int(i) for i in p] for p in prefixes], 1, spec, budget)
+        new, k = self._place(self._planned(), j.rows, j.length), len(self.joining)
+        if not new and self.runs and self.joining[-1].per == j.per:
+            self.runs[-1] = (self.runs[-1][0], k + 1, self.runs[-1][2])
+        else:
+            self.runs.append((k, k + 1, new))
+        self.joining.append(j)
+
+    def _planned(self) -> _Plan:
+        """The plan of this step's joiners so far (a fresh one before the first)."""
+        if self.plan is None or not self.joining:
+            held = self._segment_rows()[-1] if self.segments else 0
+            self.plan = _Plan(self.state, held, held, 0)
+        return self.plan
+
+    def _place(self, plan: _Plan, rows: int, length: int) -> bool:
+        """Plan a joiner of `rows` rows of at most `length` cells into the newest segment
+        while it fits there (`model.fits`; a segment opened by the plan holds at most
+        `model.max_rows` rows and is sized for every row that joins it), else into a new
+        one; returns whether it opens one."""
+        cap = self.model.max_rows
+        fits = (plan.state is not None or plan.opened > 0) and (
+            cap is None or plan.placed + rows <= cap)
+        if fits and plan.state is not None:
+            fits = self.model.fits(plan.state, plan.placed + rows - plan.held, length)
+        if not fits:
+            plan.state, plan.held, plan.placed, plan.opened = None, 0, 0, plan.opened + 1
+        plan.placed += rows
+        return not fits
 
     def advance(self, alphas: Sequence[float]) -> Draw:
         """See `ParticleEngine.advance`; a joining system whose prompt fails to evaluate is
@@ -135,41 +186,41 @@ class LMParticles:
         return draw
 
     def _prefill(self) -> list[torch.Tensor]:
-        """Evaluate the joining systems' prompts into the newest segment, or a new one when
-        the model's cache cannot take them (logp per system). Consecutive joiners with equal
-        row counts go in one call (one prefill pass for all their prompts); if that call
-        fails, they are retried one by one so that only the failing system is left out."""
+        """Evaluate the joining systems' prompts into the segments planned at admission
+        (`runs`: consecutive joiners with equal rows per prompt, each prefilled in one call,
+        into the newest segment or one they open); logp per run. If a run's call fails, its
+        systems are retried one by one so that only the failing system is left out."""
         out: list[torch.Tensor] = []
-        joining, k = self.joining, 0
-        while k < len(joining):
-            j = k + 1
-            while j < len(joining) and joining[j].per == joining[k].per:
-                j += 1
+        joining = self.joining
+        for lo, hi, new in self.runs:
             try:
-                out.append(self._join(joining[k:j], joining[k:]))
+                out.append(self._join(joining[lo:hi], joining[lo:], new))
             except Exception as exc:  # noqa: BLE001 - find the system(s) that fail
-                if j - k == 1:
-                    self.failed[k] = exc
-                else:
-                    for i in range(k, j):
-                        try:
-                            out.append(self._join(joining[i : i + 1], joining[i:]))
-                        except Exception as one:  # noqa: BLE001 - it alone does not join
-                            self.failed[i] = one
-            k = j
-        self.joining = []
+                if hi - lo == 1:
+                    self.failed[lo] = exc
+                    continue
+                opened = not new  # the segment the run goes to exists
+                for i in range(lo, hi):
+                    try:
+                        out.append(self._join(joining[i : i + 1], joining[i:], not opened))
+                        opened = True
+                    except Exception as one:  # noqa: BLE001 - it alone does not join
+                        self.failed[i] = one
+        self.joining, self.runs, self.plan = [], [], None
         return out
 
-    def _join(self, group: list[_Joiner], rest: list[_Joiner]) -> torch.Tensor:
-        """Prefill one group of joiners (equal rows per prompt) and register them; returns
-        their logp."""
+    def _join(self, group: list[_Joiner], rest: list[_Joiner], new: bool) -> torch.Tensor:
+        """Prefill one group of joiners (equal rows per prompt) into the newest segment or
+        (`new`) a new one sized for them and every joiner after them; register them and
+        return their logp."""
         rows, budget = group[0].per, sum(j.budget for j in group)
         prompts = [p for j in group for p in j.prompts]
-        if not self.segments or not self.model.fits(
-                self.segments[-1].state, sum(j.rows for j in group),
-                max(j.length for j in group)):
-            room = (sum(self.counts) + sum(j.rows for j in rest), max(j.length for j in rest))
-            state, logp = self.model.prefill_many(prompts, rows, budget=budget, room=room)
+        if new or not self.segments:  # sized for every live and joining row: it takes the
+            want = sum(self.counts) + sum(j.rows for j in rest)  # next joiners as others drain
+            if self.model.max_rows is not None:
+                want = min(want, self.model.max_rows)
+            state, logp = self.model.prefill_many(prompts, rows, budget=budget,
+                                                  room=(want, max(j.length for j in rest)))
             self.segments.append(_Segment(state, 0))
         else:
             logp = self.model.extend(self.segments[-1].state, prompts, rows, budget=budget)
@@ -236,6 +287,7 @@ class LMParticles:
     def close(self) -> None:
         self.segments, self.logp, self.pending = [], None, None
         self.specs, self.counts, self.joining = [], [], []
+        self.runs, self.plan = [], None
         self.failed = {}
 
     def _row_system(self) -> list[int]:

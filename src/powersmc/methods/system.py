@@ -120,12 +120,12 @@ class System:
         self.lengths[self.alive_dev] = t
         self.finished[self.alive_dev] = torch.isin(draw.tokens, self.eos)
         self.logzt_hist.append(draw.log_z.mean())  # eq. 13, mean over live particles
-        ess_t = ess(self.log_w)
+        total = torch.logsumexp(self.log_w, -1)
+        ess_t = ess(self.log_w, total)
         self.ess_hist.append(ess_t[0])
         fire = ess_t < o.kappa * o.n
         if self.align > 1:  # only where a copy is cheap: length = prompt + t = 1 mod align
             fire &= (len(self.ids) + t - 1) % self.align == 0
-        total = torch.logsumexp(self.log_w, -1)
         drawn = o.resample(torch.exp(self.log_w - total[:, None]), self.gen)
         drawn, self.post_w = drawn if isinstance(drawn, tuple) else (drawn, None)  # chopthin
         self.ancestors = torch.where(fire[:, None], drawn, self.identity).view(-1)

@@ -133,8 +133,8 @@ def smc_sample_many(
 
     Cost per result: `token_evals`, `prefill_tokens` and `forward_passes` are that system's
     own; `seconds` runs from its admission to its last token. The systems run through one
-    `Scheduler`: a backend with a row limit (`max_rows`, llama.cpp: 255) admits the next system
-    as soon as one finishes.
+    `Scheduler`: a backend with bounded room (llama.cpp: contexts of 256 rows, at most three
+    alive) admits the next system as soon as one finishes.
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise InputError("prompts", "a non-empty list of prompts", prompts)

@@ -47,8 +47,8 @@ class RowGroup:
         self.alive_dev = torch.from_numpy(self.alive).to(dev)
         self.t = 0
         self.first_logp: torch.Tensor | None = None
-        a = len(req.zeta_alphas)
-        self.zeta = torch.zeros((n, k, a), dtype=torch.float64, device=dev)
+        self.zeta_at = torch.tensor(req.zeta_alphas, dtype=torch.float64, device=dev)[:, None]
+        self.zeta = torch.zeros((n, k, len(req.zeta_alphas)), dtype=torch.float64, device=dev)
         self.ent = torch.zeros((n, k if req.entropy else 0), dtype=torch.float64, device=dev)
         self.cost = Cost(forward_passes=1, prefill_tokens=len(self.ids))
         self.started = 0.0
@@ -91,9 +91,9 @@ class RowGroup:
         self.lq[live, t] = alpha * draw.logp - draw.incr
         self.lengths[live] = t + 1
         if self.req.zeta_alphas or self.req.entropy:
-            logp = engine.logprobs(row0, row0 + self.rows)
-            for j, a in enumerate(self.req.zeta_alphas):
-                self.zeta[live, t, j] = log_power_normalizer(logp, a)
+            logp = engine.logprobs(row0, row0 + self.rows).double()
+            if self.req.zeta_alphas:  # every exponent in one pass: [rows, exponents]
+                self.zeta[live, t] = log_power_normalizer(logp[:, None, :], self.zeta_at)
             if self.req.entropy:
                 self.ent[live, t] = shannon_entropy(logp)
         done = torch.isin(draw.tokens, self.eos)

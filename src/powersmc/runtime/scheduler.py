@@ -49,12 +49,14 @@ class Scheduler:
         h.done; h.result(); h.cancel()
         sched.run()                            # step until every started program is done
 
-    Each `step` admits waiting requests in arrival order while the batch has rows (`max_rows`,
-    and the engine's own limit: 255 sequences on llama.cpp), requests (`max_systems`) and
-    cache room free; the first that does not fit waits, and so does everything after it (no
-    starvation). On an engine that cannot join running batches (Transformers' dynamic cache)
-    requests join only an empty batch. Not thread-safe: one thread steps; `start`, `submit`
-    and `Handle.cancel` may come from others.
+    Each `step` admits waiting requests in arrival order while the batch has rows (`max_rows`),
+    requests (`max_systems`) and engine room (`ParticleEngine.room`: on llama.cpp, contexts of
+    256 rows, at most three alive) free; the first that does not fit waits, and so does
+    everything after it (no starvation). One request's rows share one engine state, so a
+    request has at most the engine's `max_rows` (256 on llama.cpp). On an engine that cannot
+    join running batches (Transformers' dynamic cache) requests join only an empty batch.
+    Not thread-safe: one thread steps; `start`, `submit` and `Handle.cancel` may come from
+    others.
     """
 
     def __init__(self, model: LanguageModel, *, max_rows: int | None = None,
@@ -65,8 +67,9 @@ class Scheduler:
             check_positive_int("max_rows", max_rows)
         if max_systems is not None:
             check_positive_int("max_systems", max_systems)
+        self.max_rows = max_rows  # rows in flight
         limits = [x for x in (max_rows, self.engine.max_rows) if x is not None]
-        self.max_rows = min(limits) if limits else None
+        self.request_rows = min(limits) if limits else None  # one request's rows
         self.max_systems = max_systems
         self.eos = eos_tensor(model)  # every request's EOS ids, built once
         self.waiting: deque[Unit] = deque()
@@ -86,9 +89,9 @@ class Scheduler:
         run = Run(program, handle)
         units = run.resume(None, self.model, self.eos)
         for u in units:
-            if self.max_rows is not None and u.n > self.max_rows:
+            if self.request_rows is not None and u.n > self.request_rows:
                 name = "particles" if isinstance(u, System) else "rows"
-                raise InputError(name, f"at most {self.max_rows} on this backend", u.n)
+                raise InputError(name, f"at most {self.request_rows} on this backend", u.n)
         with self._lock:
             self.waiting.extend(units)
             self._bar.total += 1
@@ -158,8 +161,9 @@ class Scheduler:
             decisions = [u.weigh(_rows(draw, int(lo), int(hi)), a, self.engine, int(lo))
                          for u, a, lo, hi in zip(live, alphas, bounds[:-1], bounds[1:],
                                                  strict=True)]
-        with record_function("powersmc.sync"):  # the one host transfer of this step
-            decisions = _to_host(decisions)
+        if self.engine.device.type != "cpu":
+            with record_function("powersmc.sync"):  # the one host transfer of this step
+                decisions = _to_host(decisions)
         index: list[np.ndarray] = []
         counts: list[int] = []
         lasts: list[torch.Tensor] = []
@@ -213,16 +217,18 @@ class Scheduler:
             while self.waiting:
                 u = self.waiting[0]
                 run = u.run
+                prefixes = u.prefixes()
+                longest = len(u.ids) + max((len(p) for p in prefixes or ()), default=0)
                 if (self.max_rows is not None and rows + u.n > self.max_rows) or (
                         self.max_systems is not None and count >= self.max_systems) or (
-                        not self.engine.room(len(u.ids), u.n, u.budget)):
+                        not self.engine.room(longest, u.n, u.budget)):
                     break
                 self.waiting.popleft()
                 if run.handle.done:  # a sibling request failed meanwhile
                     continue
                 try:
                     self.engine.admit(u.ids, u.n, u.spec(self.engine.fork_block),
-                                      budget=u.budget, prefixes=u.prefixes())
+                                      budget=u.budget, prefixes=prefixes)
                 except Exception as exc:  # noqa: BLE001 - e.g. an option this engine refuses
                     self._finish(run, exc)
                     continue
