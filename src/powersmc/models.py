@@ -149,8 +149,9 @@ def load_model(
         inside a directory or hub repo holding GGUF weights.
     backend: 'auto' (default: llama.cpp for a .gguf file on CPU, else Transformers),
         'llama.cpp' (GGUF files only; quantised weights run natively), 'transformers'
-        (de-quantises a GGUF into float weights) or 'vllm' (an in-process vLLM engine; a GGUF
-        file is converted once into a cached float32 Transformers directory).
+        (de-quantises a GGUF into float weights) or 'vllm' (an in-process vLLM engine). A
+        local GGUF file on Transformers or vLLM is converted once into a cached float32
+        Transformers directory (`backends.convert.hf_directory`: ~20 s, then a second or two).
     dtype: Transformers only: 'float32' (default on CPU), 'bfloat16' (default on CUDA), 'float16'.
     chat: use the model's chat template for text prompts (default: if it has one).
     threads: CPU threads (default: all cores).
@@ -253,7 +254,13 @@ def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt,
         torch_dtype = _DTYPES[dtype]
     else:
         raise InputError("dtype", f"one of {', '.join(_DTYPES)}", dtype)
-    location, extra = _source(name_or_path, gguf_file)
+    gguf = _gguf_location(name_or_path, gguf_file)
+    if gguf is not None:  # de-quantised once into the cache, then read in a second or two
+        from powersmc.backends.convert import hf_directory
+
+        location, extra = str(hf_directory(gguf)), {}
+    else:
+        location, extra = _source(name_or_path, gguf_file)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **extra)
