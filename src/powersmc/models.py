@@ -258,7 +258,7 @@ def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt,
     if gguf is not None:  # de-quantised once into the cache, then read in a second or two
         from powersmc.backends.convert import hf_directory
 
-        location, extra = str(hf_directory(gguf)), {}
+        location, extra = str(hf_directory(gguf)), dict[str, Any]()
     else:
         location, extra = _source(name_or_path, gguf_file)
     try:

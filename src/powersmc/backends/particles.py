@@ -6,54 +6,17 @@ drawn here from the model's log-probs; `particle_engine` picks a model's engine.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch.profiler import record_function
 
 from powersmc.backends.engine import Draw, DrawSpec, ParticleEngine
 from powersmc.backends.protocol import LanguageModel
+from powersmc.backends.segments import Joiner, Segment, Segments
 from powersmc.proposals import sample_tempered, truncate_logprobs
 from powersmc.weights import log_power_normalizer
-
-
-@dataclass
-class _Joiner:
-    """A request waiting for its prefill: `per` rows on each of `prompts`."""
-
-    prompts: list[list[int]]
-    per: int
-    spec: DrawSpec
-    budget: int
-
-    @property
-    def rows(self) -> int:
-        return len(self.prompts) * self.per
-
-    @property
-    def length(self) -> int:
-        """The most cells one of its rows holds: its prompt and its share of the budget."""
-        return max(len(p) for p in self.prompts) + -(-self.budget // self.rows) + 1
-
-
-@dataclass
-class _Plan:
-    """Where this step's next joiner goes: the newest segment, with the rows planned into it."""
-
-    state: Any  # the newest segment's model state (None: a segment the plan opens)
-    held: int  # rows that state holds now
-    placed: int  # rows the newest segment will hold, the planned joiners' included
-    opened: int  # segments the plan opens
-
-
-@dataclass
-class _Segment:
-    """One model state (on llama.cpp: one context) holding the rows of a run of consecutive
-    live systems."""
-
-    state: Any
-    systems: int  # how many of the live systems, in row order, it holds
 
 
 class LMParticles:
@@ -72,16 +35,10 @@ class LMParticles:
     says `joins_running` (llama.cpp, toy models, Transformers' static cache); otherwise only an
     empty batch.
 
-    Bounded memory on a fixed-size cache (llama.cpp): the model is asked whether a joining
-    system's rows fit beside the state's (`fits`; a state holds at most `model.max_rows` rows,
-    llama.cpp's 256 sequences of a context); if not, the system opens a new segment (a fresh
-    context, sized for every live and joining row) and the old one takes no new system: it
-    drains as its systems finish and is freed when empty. A step makes one forward per
-    segment: 32 systems of 16 rows run as two contexts of 256 rows. At most `max_states`
-    segments live at once; a system that would open one more waits (`room`).
+    Where the rows live (`backends.segments.Segments`): in one model state, or, past a
+    state's row limit or a fixed-size cache's room (llama.cpp: a context of 256 rows), in
+    several, one forward each; at most three at once.
     """
-
-    max_states = 3  # segments (llama.cpp contexts) alive at once: two full, one draining
 
     def __init__(self, model: LanguageModel) -> None:
         self.model = model
@@ -89,16 +46,24 @@ class LMParticles:
         self.fork_block = 1  # rows are copied with their cache, at any length
         self.max_rows = model.max_rows  # one request's rows share one state
         self.joins_running = model.joins_running
-        self.segments: list[_Segment] = []
+        self.rows = Segments(model)  # the live systems and the states holding their rows
         self.logp: torch.Tensor | None = None  # next-token log p of the rows, if computed
         self.pending: torch.Tensor | None = None  # tokens drawn but not yet fed to the model
-        self.specs: list[DrawSpec] = []  # per live system, in row order
-        self.counts: list[int] = []  # rows per live system
-        self.joining: list[_Joiner] = []
-        self.runs: list[tuple[int, int, bool]] = []  # the joiners' runs (lo, hi, opens one)
-        self.plan: _Plan | None = None  # where the next joiner goes
-        self.failed: dict[int, Exception] = {}  # joiners whose prefill failed
         self.alphas: torch.Tensor | None = None  # per-row exponent of the last draw
+        self.failed: dict[int, Exception] = {}  # joiners whose prefill failed (by place)
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self.rows.list
+
+    @property
+    def counts(self) -> list[int]:
+        """Rows per live system, in row order."""
+        return self.rows.counts
+
+    @property
+    def specs(self) -> list[DrawSpec]:
+        return self.rows.specs
 
     @property
     def state(self) -> Any:
@@ -107,50 +72,19 @@ class LMParticles:
 
     def room(self, prompt_len: int, rows: int, budget: int) -> bool:
         """An empty engine: yes. Else, where the model joins running batches: whether the
-        request's rows fit without opening more than `max_states` segments."""
-        if not (self.counts or self.joining):
+        request's rows fit without opening more than `Segments.max_states` states."""
+        if not (self.counts or self.rows.joining):
             return True
-        if not self.joins_running:
-            return False
-        trial = replace(self._planned())
-        opens = self._place(trial, rows, prompt_len + -(-budget // rows) + 1)
-        return len(self.segments) + trial.opened <= self.max_states or not opens
+        return self.joins_running and self.rows.room(prompt_len, rows, budget)
 
     def admit(self, prompt: Sequence[int], rows: int, spec: DrawSpec, *, budget: int,
               prefixes: Sequence[Sequence[int]] | None = None) -> None:
         head = [int(i) for i in prompt]
         if prefixes is None:
-            j = _Joiner([head], rows, spec, budget)
+            self.rows.add(Joiner([head], rows, spec, budget))
         else:
-            j = _Joiner([head + [int(i) for i in p] for p in prefixes], 1, spec, budget)
-        new, k = self._place(self._planned(), j.rows, j.length), len(self.joining)
-        if not new and self.runs and self.joining[-1].per == j.per:
-            self.runs[-1] = (self.runs[-1][0], k + 1, self.runs[-1][2])
-        else:
-            self.runs.append((k, k + 1, new))
-        self.joining.append(j)
-
-    def _planned(self) -> _Plan:
-        """The plan of this step's joiners so far (a fresh one before the first)."""
-        if self.plan is None or not self.joining:
-            held = self._segment_rows()[-1] if self.segments else 0
-            self.plan = _Plan(self.state, held, held, 0)
-        return self.plan
-
-    def _place(self, plan: _Plan, rows: int, length: int) -> bool:
-        """Plan a joiner of `rows` rows of at most `length` cells into the newest segment
-        while it fits there (`model.fits`; a segment opened by the plan holds at most
-        `model.max_rows` rows and is sized for every row that joins it), else into a new
-        one; returns whether it opens one."""
-        cap = self.model.max_rows
-        fits = (plan.state is not None or plan.opened > 0) and (
-            cap is None or plan.placed + rows <= cap)
-        if fits and plan.state is not None:
-            fits = self.model.fits(plan.state, plan.placed + rows - plan.held, length)
-        if not fits:
-            plan.state, plan.held, plan.placed, plan.opened = None, 0, 0, plan.opened + 1
-        plan.placed += rows
-        return not fits
+            self.rows.add(Joiner([head + [int(i) for i in p] for p in prefixes], 1, spec,
+                                 budget))
 
     def advance(self, alphas: Sequence[float]) -> Draw:
         """See `ParticleEngine.advance`; a joining system whose prompt fails to evaluate is
@@ -158,14 +92,12 @@ class LMParticles:
         parts = []
         if self.pending is not None:
             with record_function("powersmc.forward"):
-                lo = 0
-                for seg, rows in zip(self.segments, self._segment_rows(), strict=True):
-                    parts.append(self.model.step(seg.state, self.pending[lo : lo + rows]))
-                    lo += rows
-        joiners, self.failed = len(self.joining), {}
-        if self.joining:
+                parts = self.rows.forward(self.pending)
+        joiners, self.failed = len(self.rows.joining), {}
+        if joiners:
             with record_function("powersmc.prefill"):
-                parts += self._prefill()
+                parts += self.rows.prefill()
+            self.failed = self.rows.failed
         if self.failed:  # the failed joiners have no rows: drop their exponents
             gone = {len(alphas) - joiners + k for k in self.failed}
             alphas = [a for i, a in enumerate(alphas) if i not in gone]
@@ -185,75 +117,23 @@ class LMParticles:
         self.pending = draw.tokens
         return draw
 
-    def _prefill(self) -> list[torch.Tensor]:
-        """Evaluate the joining systems' prompts into the segments planned at admission
-        (`runs`: consecutive joiners with equal rows per prompt, each prefilled in one call,
-        into the newest segment or one they open); logp per run. If a run's call fails, its
-        systems are retried one by one so that only the failing system is left out."""
-        out: list[torch.Tensor] = []
-        joining = self.joining
-        for lo, hi, new in self.runs:
-            try:
-                out.append(self._join(joining[lo:hi], joining[lo:], new))
-            except Exception as exc:  # noqa: BLE001 - find the system(s) that fail
-                if hi - lo == 1:
-                    self.failed[lo] = exc
-                    continue
-                opened = not new  # the segment the run goes to exists
-                for i in range(lo, hi):
-                    try:
-                        out.append(self._join(joining[i : i + 1], joining[i:], not opened))
-                        opened = True
-                    except Exception as one:  # noqa: BLE001 - it alone does not join
-                        self.failed[i] = one
-        self.joining, self.runs, self.plan = [], [], None
-        return out
-
-    def _join(self, group: list[_Joiner], rest: list[_Joiner], new: bool) -> torch.Tensor:
-        """Prefill one group of joiners (equal rows per prompt) into the newest segment or
-        (`new`) a new one sized for them and every joiner after them; register them and
-        return their logp."""
-        rows, budget = group[0].per, sum(j.budget for j in group)
-        prompts = [p for j in group for p in j.prompts]
-        if new or not self.segments:  # sized for every live and joining row: it takes the
-            want = sum(self.counts) + sum(j.rows for j in rest)  # next joiners as others drain
-            if self.model.max_rows is not None:
-                want = min(want, self.model.max_rows)
-            state, logp = self.model.prefill_many(prompts, rows, budget=budget,
-                                                  room=(want, max(j.length for j in rest)))
-            self.segments.append(_Segment(state, 0))
-        else:
-            logp = self.model.extend(self.segments[-1].state, prompts, rows, budget=budget)
-        self.segments[-1].systems += len(group)
-        for j in group:
-            self.specs.append(j.spec)
-            self.counts.append(j.rows)
-        return logp
-
-    def _segment_rows(self) -> list[int]:
-        out, k = [], 0
-        for seg in self.segments:
-            out.append(sum(self.counts[k : k + seg.systems]))
-            k += seg.systems
-        return out
-
     def logprobs(self, lo: int, hi: int) -> torch.Tensor:
         assert self.logp is not None
         return self.logp[lo:hi]
 
     def cells_in_use(self) -> int | None:
-        used = [self.model.cells_in_use(s.state) for s in self.segments]
-        return sum(u for u in used if u is not None) if None not in used else None
+        return self.rows.cells_in_use()
 
     def redraw(self, rows: torch.Tensor) -> Draw:
+        """Each run of rows of one system in one draw, from its generator in row order (the
+        uniforms of one call equal those of as many calls of one)."""
         assert self.logp is not None and self.alphas is not None
-        row_system = self._row_system()
-        draws = []
-        for r in rows.tolist():  # rare (a resampling in the adapted order): per row
-            spec = self.specs[row_system[r]]
-            a = float(self.alphas[r])
-            draws.append(self._draw(self.logp[r : r + 1], a, spec))
-        return _cat(draws)
+        at = rows.cpu().numpy()
+        system = np.searchsorted(np.cumsum(self.counts), at, side="right")
+        cuts = [0, *(np.flatnonzero(system[1:] != system[:-1]) + 1).tolist(), at.size]
+        return _cat([self._draw(self.logp[rows[lo:hi]], float(self.alphas[int(at[lo])]),
+                                self.specs[int(system[lo])])
+                     for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)])
 
     def reorder(self, index: torch.Tensor, counts: Sequence[int],
                 last: torch.Tensor | None = None) -> None:
@@ -261,37 +141,18 @@ class LMParticles:
             raise RuntimeError("LMParticles.reorder before the first advance")
         n = self.pending.shape[0]
         if index.shape[0] != n or not torch.equal(index, torch.arange(n, device=index.device)):
-            lo_old, lo_new, k, segments = 0, 0, 0, []
-            for seg, rows in zip(self.segments, self._segment_rows(), strict=True):
-                new_rows = sum(int(c) for c in counts[k : k + seg.systems])
-                kept = sum(int(c) > 0 for c in counts[k : k + seg.systems])
-                k += seg.systems
-                if new_rows:  # a segment's rows only ever copy rows of the same segment
-                    sub = index[lo_new : lo_new + new_rows] - lo_old
-                    if sub.shape[0] != rows or not torch.equal(
-                            sub, torch.arange(rows, device=sub.device)):
-                        self.model.reorder(seg.state, sub)
-                    segments.append(_Segment(seg.state, kept))
-                lo_old, lo_new = lo_old + rows, lo_new + new_rows
-            self.segments = segments  # an empty segment is dropped, its cache freed
+            self.rows.reorder(index, counts)
             self.pending = self.pending[index]
             self.logp = None  # recomputed by the next forward
         if last is not None:
             self.pending = last
-        keep = [k for k, c in enumerate(counts) if c > 0]
-        self.specs = [self.specs[k] for k in keep]
-        self.counts = [int(counts[k]) for k in keep]
+        self.rows.retire(counts)
         if not self.counts:  # the batch is empty
-            self.segments, self.logp, self.pending = [], None, None
+            self.logp, self.pending = None, None
 
     def close(self) -> None:
-        self.segments, self.logp, self.pending = [], None, None
-        self.specs, self.counts, self.joining = [], [], []
-        self.runs, self.plan = [], None
-        self.failed = {}
-
-    def _row_system(self) -> list[int]:
-        return [k for k, c in enumerate(self.counts) for _ in range(c)]
+        self.rows.clear()
+        self.logp, self.pending, self.failed = None, None, {}
 
     def _draw_all(self, alphas: Sequence[float]) -> Draw:
         """One draw per row: the default-proposal systems in one pass, the others apart."""
