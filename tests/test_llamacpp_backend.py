@@ -202,7 +202,7 @@ def test_seeded_answers_do_not_depend_on_the_batch(llama_lm):
     batch already running three other systems: every decode of two or more rows gives a row
     the same bits whatever shares it, a lone row gets a dummy second one (`LlamaCppLM._feed`),
     and a prompt is evaluated in chunks at fixed positions whether or not the others' rows
-    share its first tokens (`llamacpp_lm._chunks`)."""
+    share its first tokens (`llamacpp_prompts.chunk_bounds`)."""
     from powersmc import Scheduler
     from powersmc.methods.mh import mh_program
     from powersmc.methods.smc import smc_program

@@ -133,6 +133,13 @@ class Context:
         """Whether `rows` more sequences of at most `length` cells fit."""
         return rows <= self.streams - self.live and length <= self.cells
 
+    def free_beside(self, seq: int) -> int | None:
+        """A free sequence id next to `seq` (None if both neighbours are taken)."""
+        for s in (seq + 1, seq - 1):
+            if 0 <= s < self.streams and not self.used[s]:
+                return s
+        return None
+
     @property
     def live(self) -> int:
         """Sequence ids held."""
@@ -173,6 +180,14 @@ class LlamaState:
     @property
     def rows(self) -> int:
         return int(self.pos.size)
+
+    @classmethod
+    def empty(cls, seqs: Seqs, prompts: Sequence[Sequence[int]], rows: int) -> LlamaState:
+        """A state of `rows` rows per prompt on `seqs`, nothing evaluated yet."""
+        heads = [tuple(int(i) for i in p) for p in prompts]
+        return cls(seqs, np.zeros(seqs.ids.size, dtype=np.int32),
+                   np.repeat([len(p) for p in prompts], rows).astype(np.int32),
+                   [h for h in heads for _ in range(rows)])
 
 
 class Batch:

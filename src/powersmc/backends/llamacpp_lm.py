@@ -36,10 +36,10 @@ from powersmc.backends.llamacpp_context import (
     release_seqs,
 )
 from powersmc.backends.llamacpp_gguf import GGUFModel
+from powersmc.backends.llamacpp_prompts import chunk_bounds, shared_prefix
 
 ROW_TOKENS = 1024  # generated tokens a row holds when a prefill gives no budget
 MIN_STREAMS = 16  # a context's fewest streams (rows), so that small runs reuse one context
-PROMPT_CHUNK = 32  # most tokens of a prompt per decode (`_chunks`: why)
 
 
 class LlamaCppLM(GGUFModel):
@@ -122,7 +122,7 @@ class LlamaCppLM(GGUFModel):
         want_rows, want_len = room or (0, 0)
         ctx = self._context(max(n, want_rows), max(length, want_len))
         seqs = Seqs(ctx, ctx.take(n))
-        state = _state(seqs, prompts, rows)
+        state = LlamaState.empty(seqs, prompts, rows)
         weakref.finalize(state, release_seqs, seqs)
         return state, self._prompts(ctx, state, prompts, rows, None)
 
@@ -140,14 +140,14 @@ class LlamaCppLM(GGUFModel):
             for head, seq in zip(donors.heads, donors.seqs.ids.tolist(), strict=True):
                 known.setdefault(head, seq)
         last = np.zeros((len(prompts), self.vocab_size), dtype=np.float32)
-        # One prompt per llama_decode (in `_chunks`), logits at its last token:
+        # One prompt per llama_decode (in `chunk_bounds`), logits at its last token:
         # a batch holding several tokens of several sequences gave wrong logits on llama.cpp
         # 0.3.36 (measured; tests/test_llamacpp_backend.py), one sequence per batch does not.
         b = self._batch
         for p, (prompt, seq) in enumerate(zip(prompts, first.tolist(), strict=True)):
             ids = np.asarray(prompt, dtype=np.int32)
-            start, src = _shared(known, state.heads[p * rows])
-            cuts = _chunks(start, ids.size)
+            start, src = shared_prefix(known, state.heads[p * rows])
+            cuts = chunk_bounds(start, ids.size)
             if cuts[0] > 0:
                 ctx.copy(src, seq, cuts[0])
             known.setdefault(state.heads[p * rows], seq)
@@ -179,7 +179,7 @@ class LlamaCppLM(GGUFModel):
             after = np.arange(hi, min(hi + k, ctx.streams))
             near = after if after.size == k and not ctx.used[after].any() else np.arange(
                 max(lo - k, 0), lo)
-        new = _state(Seqs(ctx, ctx.take(k, near)), prompts, rows)
+        new = LlamaState.empty(Seqs(ctx, ctx.take(k, near)), prompts, rows)
         logp = self._prompts(ctx, new, prompts, rows, state)
         state.seqs.ids = np.concatenate([state.seqs.ids, new.seqs.ids])
         state.pos = np.concatenate([state.pos, new.pos])
@@ -210,7 +210,7 @@ class LlamaCppLM(GGUFModel):
         whatever else the decode holds (measured). So a row's log-probs, and a seeded
         system's answer, do not depend on what shares its batch (tested)."""
         n, b, ids, ctx = state.rows, self._batch, state.seqs.ids, state.seqs.ctx
-        if n == 1 and (pad := _free_beside(ctx, int(ids[0]))) is not None:
+        if n == 1 and (pad := ctx.free_beside(int(ids[0]))) is not None:
             row = int(pad < ids[0])
             b.token[:2], b.pos[:2], b.seq[:2] = tokens[0], 0, pad
             b.pos[row], b.seq[row] = state.pos[0], ids[0]
@@ -299,50 +299,3 @@ class LlamaCppLM(GGUFModel):
             ll.llama_sampler_free(chain)
         return out
 
-
-def _state(seqs: Seqs, prompts: Sequence[Sequence[int]], rows: int) -> LlamaState:
-    """A state of `rows` rows per prompt, nothing evaluated yet."""
-    heads = [tuple(int(i) for i in p) for p in prompts]
-    return LlamaState(seqs, np.zeros(seqs.ids.size, dtype=np.int32),
-                      np.repeat([len(p) for p in prompts], rows).astype(np.int32),
-                      [h for h in heads for _ in range(rows)])
-
-
-def _chunks(shared: int, size: int) -> list[int]:
-    """The bounds of the decodes that evaluate a prompt of `size` tokens whose first `shared`
-    are copied from another row: chunks of at most PROMPT_CHUNK tokens at fixed positions
-    (multiples of PROMPT_CHUNK), the first starting at `shared`, or one earlier so that no
-    decode of a shared prompt holds a single token. Why: llama.cpp's kernels for a decode
-    of one sequence change with its token count (one token; 64 and more), and so do the
-    bits of their results; a decode of 2 to PROMPT_CHUNK tokens gives each token the same
-    bits whatever else it holds (measured). So a prompt's cells and logits do not depend on
-    how much of it was shared, i.e. on what else is in the batch (tested)."""
-    start = max(min(shared, size - 2), 0)
-    if start and -start % PROMPT_CHUNK == 1:
-        start -= 1
-    inner = range(-(-(start + 1) // PROMPT_CHUNK) * PROMPT_CHUNK, size, PROMPT_CHUNK)
-    return [start, *inner, size]
-
-
-def _free_beside(ctx: Context, seq: int) -> int | None:
-    """A free sequence id next to `seq` (None if both neighbours are taken)."""
-    for s in (seq + 1, seq - 1):
-        if 0 <= s < ctx.streams and not ctx.used[s]:
-            return s
-    return None
-
-
-def _shared(known: dict[tuple[int, ...], int], prompt: tuple[int, ...]) -> tuple[int, int]:
-    """The longest prefix of `prompt`, all but its last token, that a known sequence holds:
-    (its length, that sequence); (0, -1) if none."""
-    best, src = 0, -1
-    for head, seq in known.items():
-        n = min(len(head), len(prompt) - 1)
-        if n <= best:
-            continue
-        a, b = np.asarray(head[:n]), np.asarray(prompt[:n])
-        diff = np.flatnonzero(a != b)
-        k = int(diff[0]) if diff.size else n
-        if k > best:
-            best, src = k, seq
-    return best, src
