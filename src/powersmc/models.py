@@ -218,8 +218,21 @@ def _load_llamacpp(name_or_path, gguf_file, dev, dtype, chat, system_prompt, thr
                       name=DEFAULT_MODEL_NAME if name_or_path is None else None)
 
 
-def _load_vllm(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads, engine):
+CACHED_GGUF_BYTES = 512 << 20  # Transformers: larger GGUF files are de-quantised at each load
+
+
+def _converted(name_or_path, gguf_file, max_bytes: int | None = None) -> str | None:
+    """The cached float32 Transformers directory of the local GGUF file the model names
+    (`convert.hf_directory`: written once); None if it names none, or one over `max_bytes`."""
     from powersmc.backends.convert import hf_directory
+
+    gguf = _gguf_location(name_or_path, gguf_file)
+    if gguf is None or (max_bytes is not None and gguf.stat().st_size > max_bytes):
+        return None
+    return str(hf_directory(gguf))
+
+
+def _load_vllm(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads, engine):
     from powersmc.backends.vllm_lm import VllmLM, _vllm
 
     _vllm()  # a clear error before any conversion when vLLM is missing
@@ -230,10 +243,8 @@ def _load_vllm(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads
         dtype = str(dtype).removeprefix("torch.")
     if dtype is not None and dtype not in _DTYPES:
         raise InputError("dtype", f"one of {', '.join(_DTYPES)}", dtype)
-    gguf = _gguf_location(name_or_path, gguf_file)
-    if gguf is not None:
-        location = str(hf_directory(gguf))
-    else:
+    location = _converted(name_or_path, gguf_file)
+    if location is None:
         location, _ = _source(name_or_path, gguf_file)
         if gguf_file:
             raise InputError("gguf_file", "unset for the vLLM backend with a hub id (pass the "
@@ -241,9 +252,6 @@ def _load_vllm(name_or_path, gguf_file, dev, dtype, chat, system_prompt, threads
     name = DEFAULT_MODEL_NAME if name_or_path is None else None
     return VllmLM(location, device=dev.type, dtype=dtype, chat=chat,
                   system_prompt=system_prompt, threads=threads, name=name, **engine)
-
-
-CACHED_GGUF_BYTES = 512 << 20  # Transformers: larger GGUF files are de-quantised at each load
 
 
 def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt,
@@ -258,13 +266,8 @@ def _load_transformers(name_or_path, gguf_file, dev, dtype, chat, system_prompt,
         torch_dtype = _DTYPES[dtype]
     else:
         raise InputError("dtype", f"one of {', '.join(_DTYPES)}", dtype)
-    gguf = _gguf_location(name_or_path, gguf_file)
-    if gguf is not None and gguf.stat().st_size <= CACHED_GGUF_BYTES:
-        from powersmc.backends.convert import hf_directory  # de-quantised once, then read
-
-        location, extra = str(hf_directory(gguf)), dict[str, Any]()
-    else:
-        location, extra = _source(name_or_path, gguf_file)
+    converted = _converted(name_or_path, gguf_file, CACHED_GGUF_BYTES)
+    location, extra = (converted, {}) if converted else _source(name_or_path, gguf_file)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **extra)

@@ -96,8 +96,8 @@ class LMParticles:
         joiners, self.failed = len(self.rows.joining), {}
         if joiners:
             with record_function("powersmc.prefill"):
-                parts += self.rows.prefill()
-            self.failed = self.rows.failed
+                joined, self.failed = self.rows.prefill()
+            parts += joined
         if self.failed:  # the failed joiners have no rows: drop their exponents
             gone = {len(alphas) - joiners + k for k in self.failed}
             alphas = [a for i, a in enumerate(alphas) if i not in gone]

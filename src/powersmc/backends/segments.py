@@ -73,7 +73,6 @@ class Segments:
         self.joining: list[Joiner] = []
         self.runs: list[tuple[int, int, bool]] = []  # the joiners' runs (lo, hi, opens one)
         self.plan: _Plan | None = None  # where the next joiner goes
-        self.failed: dict[int, Exception] = {}  # joiners whose prefill failed
 
     def room(self, prompt_len: int, rows: int, budget: int) -> bool:
         """Whether a request's rows fit without opening more than `max_states` segments."""
@@ -120,20 +119,20 @@ class Segments:
             lo += rows
         return out
 
-    def prefill(self) -> list[torch.Tensor]:
+    def prefill(self) -> tuple[list[torch.Tensor], dict[int, Exception]]:
         """Evaluate the joiners' prompts into their planned segments (`runs`: consecutive
         joiners with equal rows per prompt, each prefilled in one call, into the newest
-        segment or one they open) and register them; logp per run. If a run's call fails,
-        its systems are retried one by one so that only the failing one is left out
-        (`failed`, by place among the joiners)."""
+        segment or one they open) and register them. Returns the logp per run, and the
+        joiners (by place) whose prefill failed: if a run's call fails, its systems are
+        retried one by one so that only the failing one is left out."""
         out: list[torch.Tensor] = []
-        joining, self.failed = self.joining, {}
+        joining, failed = self.joining, {}
         for lo, hi, new in self.runs:
             try:
                 out.append(self._join(joining[lo:hi], joining[lo:], new))
             except Exception as exc:  # noqa: BLE001 - find the system(s) that fail
                 if hi - lo == 1:
-                    self.failed[lo] = exc
+                    failed[lo] = exc
                     continue
                 opened = not new  # the segment the run goes to exists
                 for i in range(lo, hi):
@@ -141,9 +140,9 @@ class Segments:
                         out.append(self._join(joining[i : i + 1], joining[i:], not opened))
                         opened = True
                     except Exception as one:  # noqa: BLE001 - it alone does not join
-                        self.failed[i] = one
+                        failed[i] = one
         self.joining, self.runs, self.plan = [], [], None
-        return out
+        return out, failed
 
     def _join(self, group: list[Joiner], rest: list[Joiner], new: bool) -> torch.Tensor:
         """Prefill one group of joiners (equal rows per prompt) into the newest segment or
@@ -206,4 +205,4 @@ class Segments:
 
     def clear(self) -> None:
         self.list, self.specs, self.counts, self.joining = [], [], [], []
-        self.runs, self.plan, self.failed = [], None, {}
+        self.runs, self.plan = [], None
