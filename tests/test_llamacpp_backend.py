@@ -21,6 +21,7 @@ from backend_checks import grow, sample_steps
 
 from powersmc import InputError, load_model, smc_sample, smc_sample_many
 from powersmc.backends.llamacpp_lm import LlamaCppLM
+from powersmc.backends.llamacpp_prompts import PROMPT_CHUNK, chunk_bounds
 from powersmc.models import choose_backend, default_gguf_path
 from powersmc.runtime.api import run_method
 
@@ -101,6 +102,7 @@ def test_a_joining_prompt_shares_a_live_rows_prefix_and_matches_recompute(llama_
     kept prefix: MH moves, PPT rungs, rollouts) copies that row's cells for the common part and
     evaluates only the rest; its rows then step exactly as a fresh prefill's."""
     lm = llama_lm
+    lm._ctx = None  # no prompts cached by earlier tests
     prompt = lm.encode_prompt("Name three prime numbers larger than ten and say why each is "
                               "prime, then add them up.")
     state, logp = lm.prefill_many([prompt], 2, budget=64)
@@ -127,6 +129,84 @@ def test_a_joining_prompt_shares_a_live_rows_prefix_and_matches_recompute(llama_
     seqs += [kept, list(other)]
     step = lm.step(state, torch.tensor([11, 12, 13, 14]))
     seqs = [s + [t] for s, t in zip(seqs, [11, 12, 13, 14], strict=True)]
+    assert torch.allclose(step, _from_scratch(lm, seqs), atol=ATOL)
+
+
+def test_a_finished_rows_prompt_is_shared_and_changes_no_bit(llama_lm):
+    """A prompt that starts as a finished request's (an MH chain's next proposal) copies that
+    request's prompt cells from the context's prompt cache instead of evaluating them again,
+    and its log-probs, then and after a step, are bit for bit those of a context that never
+    saw the first prompt."""
+    lm = llama_lm
+    base = lm.encode_prompt("Natalia sold clips to 48 of her friends in April, and then she "
+                            "sold half as many clips in May. How many clips did she sell in April "
+                            "and May altogether?")
+    first, second = base + [28, 17, 5], base + [28, 17, 9, 13, 4]
+    assert len(base) > 2 * PROMPT_CHUNK
+
+    def evaluate(prompt):
+        evaluated, decode = [0], lm._decode
+
+        def counting(ctx, n):
+            evaluated[0] += n
+            decode(ctx, n)
+
+        lm._decode = counting
+        try:
+            state, logp = lm.prefill(prompt, 1, budget=8)
+        finally:
+            del lm._decode
+        return state, logp, evaluated[0]
+
+    lm._ctx = None
+    state, _, n = evaluate(first)
+    assert n == len(first)
+    del state  # finished: its stream is freed, its prompt cached
+    gc.collect()
+    state, cached, n = evaluate(second)
+    shared = len(first) - 1  # all but the last token of the first prompt
+    assert n == len(second) - chunk_bounds(shared, len(second))[0] < PROMPT_CHUNK
+    step = lm.step(state, torch.tensor([42]))
+    lm._ctx = None
+    state, fresh, n = evaluate(second)
+    assert n == len(second)
+    assert torch.equal(cached, fresh) and torch.equal(step, lm.step(state, torch.tensor([42])))
+
+
+def test_a_finished_row_between_others_is_continued_in_place(llama_lm):
+    """In a running batch, a row that finishes between two others leaves its stream free with
+    its prompt cached: the others step on (the free stream padded, not compacted away) with
+    log-probs equal to recompute, and the next prompt that continues it (an MH chain's next
+    proposal joining the batch) takes that stream and evaluates only what is new."""
+    lm = llama_lm
+    lm._ctx = None
+    base = lm.encode_prompt("Write the numbers from one to twenty in words, separated by "
+                            "commas, and then count how many letters they have in total.")
+    prompts = [lm.encode_prompt("Hi."), base + [28, 17, 5], lm.encode_prompt("Count to five.")]
+    state, _ = lm.prefill_many(prompts, 1, budget=48)
+    middle = int(state.seqs.ids[1])
+    lm.reorder(state, torch.tensor([0, 2]))  # the middle row finishes
+    step = lm.step(state, torch.tensor([11, 12]))
+    assert middle in state.seqs.ctx.heads and middle not in state.seqs.ids
+    kept = [prompts[0] + [11], prompts[2] + [12]]
+    assert torch.allclose(step, _from_scratch(lm, kept), atol=ATOL)
+    evaluated, decode = [0], lm._decode
+
+    def counting(ctx, n):
+        evaluated[0] += n
+        decode(ctx, n)
+
+    lm._decode = counting
+    second = base + [28, 17, 9, 13]
+    try:
+        new = lm.extend(state, [second], 1)
+    finally:
+        del lm._decode
+    assert int(state.seqs.ids[-1]) == middle
+    assert evaluated[0] == len(second) - chunk_bounds(len(base) + 2, len(second))[0]
+    assert torch.allclose(new, _from_scratch(lm, [second]), atol=ATOL)
+    step = lm.step(state, torch.tensor([3, 4, 5]))
+    seqs = [kept[0] + [3], kept[1] + [4], second + [5]]
     assert torch.allclose(step, _from_scratch(lm, seqs), atol=ATOL)
 
 

@@ -69,10 +69,19 @@ class Context:
     (llama.cpp's split for non-unified caches: a micro-batch's attention views one range of
     streams). So a state keeps its rows' ids one contiguous range (`LlamaCppLM._compact`) and
     feeds them sorted: one micro-batch per step, as the unified cache had.
+
+    Prompt cache: `heads[s]` is the prompt whose cells sequence s holds at positions
+    0..len-1, evaluated as a prompt (`LlamaCppLM._prompts`) or copied from one that was. A
+    released sequence keeps its cells and head while its stream is free, and free streams
+    holding a head are taken last, oldest first (`take`). So a request whose prompt starts as
+    a finished one's (an MH chain's next proposal: the prompt and the kept prefix) copies
+    that prefix instead of evaluating it again, even when no live row holds it. Only prompt
+    cells are shared, never generated ones: a prompt cell's bits do not depend on which
+    decode wrote it (`llamacpp_prompts.chunk_bounds`), so sharing changes no result.
     """
 
     def __init__(self, ll, model, streams: int, cells: int, threads: int,
-                 max_batch: int) -> None:
+                 max_batch: int, cache: bool = True) -> None:
         p = ll.llama_context_default_params()
         p.n_ctx = streams * cells
         p.n_batch = max_batch
@@ -81,7 +90,7 @@ class Context:
         p.n_threads = p.n_threads_batch = threads
         p.kv_unified = False  # a stream per sequence: a row's attention reads its cells only
         p.no_perf = True
-        self.ll, self.streams, self.cells = ll, streams, cells
+        self.ll, self.streams, self.cells, self.cache = ll, streams, cells, cache
         self.ctx = ll.llama_init_from_model(model, p)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {streams} x {cells} "
@@ -91,54 +100,131 @@ class Context:
         self.reset()
 
     def reset(self) -> None:
-        """Forget every sequence and cell (the context is idle)."""
+        """Forget every sequence and cell."""
         self.ll.llama_memory_clear(self.mem, False)
         self.used = np.zeros(self.streams, dtype=bool)  # sequence ids held by a state
         self.length = np.zeros(self.streams, dtype=np.int64)  # cells each sequence holds
+        self.heads: dict[int, tuple[int, ...]] = {}  # the prompt cache (class docstring)
+        self.freed = np.zeros(self.streams, dtype=np.int64)  # when each was released
+        self._clock = 0
 
     def take(self, k: int, prefer: np.ndarray | None = None) -> np.ndarray:
-        """k free sequence ids: the free ones of `prefer` first (in its order), then the
-        lowest free ones."""
+        """k free sequence ids: the free ones of `prefer` first (in its order); without
+        `prefer`, the lowest run of k consecutive free ids holding no cached prompt, or
+        failing that of k free ids. Otherwise the lowest free ids holding no cached prompt,
+        then those that do, the longest freed first. An id taken keeps its cells until its
+        state writes it (`copy` into it, or `keep`)."""
         if k > self.streams - self.live:
             raise InputError("rows", f"at most {self.streams} live rows in this llama.cpp "
                              "context", self.live + k)
-        free = np.flatnonzero(~self.used)
+        free = ~self.used
+        clean = free.copy()
+        clean[list(self.heads)] = False
+        if prefer is None:
+            for mask in (clean, free):
+                run = np.concatenate([[0], np.cumsum(mask)])
+                starts = np.flatnonzero(run[k:] - run[:-k] == k) if k else np.array([0])
+                if starts.size:
+                    ids = np.arange(starts[0], starts[0] + k, dtype=np.int32)
+                    self.used[ids] = True
+                    return ids
+        cached = np.flatnonzero(free & ~clean)
+        order = [np.flatnonzero(clean), cached[np.argsort(self.freed[cached], kind="stable")]]
         if prefer is not None and prefer.size:
-            mine = prefer[~self.used[prefer]]
-            free = np.concatenate([mine, np.setdiff1d(free, mine, assume_unique=True)])
-        ids = free[:k].astype(np.int32)
-        self.used[ids], self.length[ids] = True, 0
+            mine = prefer[free[prefer]]
+            order = [mine] + [o[~np.isin(o, mine)] for o in order]
+        ids = np.concatenate(order)[:k].astype(np.int32)
+        self.used[ids] = True
         return ids
+
+    def keep(self, seq: int, cells: int) -> None:
+        """A newly taken sequence keeps its first `cells` cells (of its own cached prompt;
+        0: none) and is then written from there."""
+        if cells:
+            self.ll.llama_memory_seq_rm(self.mem, seq, cells, -1)
+            self.heads[seq] = self.heads[seq][:cells]
+        else:
+            self.ll.llama_memory_seq_rm(self.mem, seq, -1, -1)
+            self.heads.pop(seq, None)
+        self.length[seq] = cells
 
     def copy(self, src: int, dst: int, p1: int = -1) -> None:
         """dst becomes a copy of src (positions < p1, or all). llama.cpp copies the whole
-        stream at its next decode; the positions from p1 on are then dropped."""
+        stream at its next decode (in the order of the calls, over whatever dst held); the
+        positions from p1 on are then dropped."""
         self.ll.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
         self.length[dst] = self.length[src]
+        head = self.heads.get(src)
         if 0 <= p1 < self.length[src]:
             self.ll.llama_memory_seq_rm(self.mem, dst, p1, -1)
             self.length[dst] = p1
+            if head is not None and p1 < len(head):
+                head = head[:p1]
+        if head is None:
+            self.heads.pop(dst, None)
+        else:
+            self.heads[dst] = head
+
+    def evaluated(self, seq: int, prompt: tuple[int, ...]) -> None:
+        """Record that `seq` now holds `prompt`'s cells, evaluated as a prompt."""
+        self.heads[seq] = prompt
 
     def wrote(self, seqs: np.ndarray, cells: int = 1) -> None:
         """Record a decode that wrote `cells` new cells for each of `seqs`."""
         self.length[seqs] += cells
 
     def release(self, seqs: Sequence[int]) -> None:
-        for s in seqs:
-            self.ll.llama_memory_seq_rm(self.mem, int(s), -1, -1)
-            self.length[int(s)] = 0
-            self.used[int(s)] = False
+        """Free `seqs`. With `cache` on, the first of them to hold a prompt that no other
+        sequence holds keeps its prompt's cells (the rest are removed) for later prompts; the
+        others are cleared."""
+        gone = list(dict.fromkeys(int(s) for s in seqs))
+        held = {id(h) for s, h in self.heads.items() if s not in set(gone)}
+        for s in gone:
+            self.used[s] = False
+            head = self.heads.get(s)
+            if self.cache and head is not None and id(head) not in held:
+                held.add(id(head))
+                self._clock += 1
+                self.freed[s] = self._clock
+                self.ll.llama_memory_seq_rm(self.mem, s, len(head), -1)
+                self.length[s] = len(head)
+            else:
+                self.ll.llama_memory_seq_rm(self.mem, s, -1, -1)
+                self.heads.pop(s, None)
+                self.length[s] = 0
+
+    def donors(self, exclude: np.ndarray) -> list[tuple[tuple[int, ...], int]]:
+        """(prompt, sequence) for each distinct cached prompt, live or free, except in the
+        sequences `exclude` (a new state's, about to be written)."""
+        out: dict[int, tuple[tuple[int, ...], int]] = {}
+        skip = set(exclude.tolist())
+        for s, head in self.heads.items():
+            if s not in skip:
+                out.setdefault(id(head), (head, s))
+        return list(out.values())
+
+    def pads(self, ids: np.ndarray) -> np.ndarray:
+        """Free sequence ids to decode a dummy token in beside `ids` (sorted): those between
+        them, or for a lone id a neighbour holding no cached prompt if there is (see
+        `LlamaCppLM._feed`: why). Each gets its token at its own next position."""
+        lo, hi = int(ids[0]), int(ids[-1])
+        if hi - lo + 1 > ids.size:
+            return np.setdiff1d(np.arange(lo, hi + 1), ids).astype(np.int32)
+        if ids.size > 1:
+            return np.zeros(0, dtype=np.int32)
+        near = [s for s in (lo + 1, lo - 1) if 0 <= s < self.streams and not self.used[s]]
+        near.sort(key=lambda s: s in self.heads)
+        return np.array(near[:1], dtype=np.int32)
+
+    def holes_cached(self, ids: np.ndarray) -> bool:
+        """Whether every free id between the sorted `ids` holds a cached prompt (or none is
+        free): the state's rows may then stay where they are, those ids padded."""
+        holes = np.setdiff1d(np.arange(int(ids[0]), int(ids[-1]) + 1), ids)
+        return all(int(h) in self.heads for h in holes)
 
     def fits(self, rows: int, length: int) -> bool:
         """Whether `rows` more sequences of at most `length` cells fit."""
         return rows <= self.streams - self.live and length <= self.cells
-
-    def free_beside(self, seq: int) -> int | None:
-        """A free sequence id next to `seq` (None if both neighbours are taken)."""
-        for s in (seq + 1, seq - 1):
-            if 0 <= s < self.streams and not self.used[s]:
-                return s
-        return None
 
     @property
     def live(self) -> int:
@@ -147,7 +233,8 @@ class Context:
 
     @property
     def in_use(self) -> int:
-        return int(self.length.sum())
+        """Cells the live sequences hold."""
+        return int(self.length[self.used].sum())
 
     def __del__(self) -> None:
         ctx, self.ctx = getattr(self, "ctx", None), None
@@ -169,13 +256,11 @@ def release_seqs(seqs: Seqs) -> None:
 
 @dataclass
 class LlamaState:
-    """Rows of a batch: each row's sequence id, next position, prompt length and prompt (the
-    token ids it was admitted with: a later prompt that starts the same way shares its cells)."""
+    """Rows of a batch: each row's sequence id, next position and prompt length."""
 
     seqs: Seqs
     pos: np.ndarray
     prompt_len: np.ndarray
-    heads: list[tuple[int, ...]]
 
     @property
     def rows(self) -> int:
@@ -184,10 +269,8 @@ class LlamaState:
     @classmethod
     def empty(cls, seqs: Seqs, prompts: Sequence[Sequence[int]], rows: int) -> LlamaState:
         """A state of `rows` rows per prompt on `seqs`, nothing evaluated yet."""
-        heads = [tuple(int(i) for i in p) for p in prompts]
         return cls(seqs, np.zeros(seqs.ids.size, dtype=np.int32),
-                   np.repeat([len(p) for p in prompts], rows).astype(np.int32),
-                   [h for h in heads for _ in range(rows)])
+                   np.repeat([len(p) for p in prompts], rows).astype(np.int32))
 
 
 class Batch:

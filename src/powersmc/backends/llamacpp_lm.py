@@ -36,7 +36,7 @@ from powersmc.backends.llamacpp_context import (
     release_seqs,
 )
 from powersmc.backends.llamacpp_gguf import GGUFModel
-from powersmc.backends.llamacpp_prompts import chunk_bounds, shared_prefix
+from powersmc.backends.llamacpp_prompts import chunk_bounds, placement, shared_prefix
 
 ROW_TOKENS = 1024  # generated tokens a row holds when a prefill gives no budget
 MIN_STREAMS = 16  # a context's fewest streams (rows), so that small runs reuse one context
@@ -49,12 +49,15 @@ class LlamaCppLM(GGUFModel):
     gpu_layers, name, weights), passed on to it, and
         n_ctx: KV cells per row: the longest prompt plus generated tokens a row can hold
             (default: sized per prefill from its prompts and `budget`).
+        prompt_cache: keep finished rows' prompt cells for later prompts that start the same
+            way (`Context`); off, every freed stream is cleared (for comparison: results are
+            the same either way, `benchmarks/prompt_cache.py`).
     """
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None,
-                 **model: Any) -> None:
+                 prompt_cache: bool = True, **model: Any) -> None:
         super().__init__(path, **model)
-        self.n_ctx = n_ctx
+        self.n_ctx, self.prompt_cache = n_ctx, prompt_cache
         self.max_rows: int | None = MAX_SEQUENCES  # a stream per row
         self.joins_running = True
         self._ctx: Context | None = None
@@ -68,16 +71,16 @@ class LlamaCppLM(GGUFModel):
 
     def _context(self, streams: int, cells: int) -> Context:
         """A context of at least `streams` streams of `cells` cells: the cached one if no
-        state still uses it and it is large enough."""
+        state still uses it and it is large enough (its prompt cache kept)."""
         streams = min(MAX_SEQUENCES, max(MIN_STREAMS, 1 << (streams - 1).bit_length()))
         cells = self.n_ctx or int(math.ceil(cells / 256) * 256)
         ctx = self._ctx
         if ctx is not None and ctx.live == 0:
             if ctx.streams >= streams and ctx.cells >= cells:
-                ctx.reset()
                 return ctx
             self._ctx = ctx = None  # too small and unused: free it first
-        ctx = Context(self.ll, self.model, streams, cells, self.threads, self._batch.capacity)
+        ctx = Context(self.ll, self.model, streams, cells, self.threads, self._batch.capacity,
+                      self.prompt_cache)
         self._ctx = ctx
         return ctx
 
@@ -124,33 +127,33 @@ class LlamaCppLM(GGUFModel):
         seqs = Seqs(ctx, ctx.take(n))
         state = LlamaState.empty(seqs, prompts, rows)
         weakref.finalize(state, release_seqs, seqs)
-        return state, self._prompts(ctx, state, prompts, rows, None)
+        return state, self._prompts(ctx, state, prompts, rows)
 
     def _prompts(self, ctx: Context, state: LlamaState, prompts: Sequence[Sequence[int]],
-                 rows: int, donors: LlamaState | None) -> torch.Tensor:
+                 rows: int) -> torch.Tensor:
         """Evaluate each prompt once under its first row's sequence and copy it to its other
-        rows; returns every row's next-token logprobs. A prompt that starts as the prompt of
-        a row of `donors` (or of an earlier prompt here) copies that row's cells for the
-        common part, all but its last token, and evaluates only the rest (prefix sharing: a
-        program's requests continue the same prompt again and again)."""
+        rows; returns every row's next-token logprobs. A prompt that starts as one the
+        context holds (a live row's, a finished row's kept in the prompt cache: `Context`,
+        or an earlier prompt here) copies those cells for the common part, all but its last
+        token, and evaluates only the rest (prefix sharing: a program's requests continue
+        the same prompt again and again)."""
         seqs = state.seqs
         first = seqs.ids[::rows]
-        known: dict[tuple[int, ...], int] = {}  # a distinct prompt -> a sequence holding it
-        if donors is not None:
-            for head, seq in zip(donors.heads, donors.seqs.ids.tolist(), strict=True):
-                known.setdefault(head, seq)
+        known = ctx.donors(seqs.ids)  # a new row's own cached prompt is its first donor
         last = np.zeros((len(prompts), self.vocab_size), dtype=np.float32)
         # One prompt per llama_decode (in `chunk_bounds`), logits at its last token:
         # a batch holding several tokens of several sequences gave wrong logits on llama.cpp
         # 0.3.36 (measured; tests/test_llamacpp_backend.py), one sequence per batch does not.
         b = self._batch
         for p, (prompt, seq) in enumerate(zip(prompts, first.tolist(), strict=True)):
-            ids = np.asarray(prompt, dtype=np.int32)
-            start, src = shared_prefix(known, state.heads[p * rows])
+            ids, head = np.asarray(prompt, dtype=np.int32), tuple(int(i) for i in prompt)
+            own = [(ctx.heads[seq], seq)] if seq in ctx.heads else []
+            start, src = shared_prefix(own + known, head)
             cuts = chunk_bounds(start, ids.size)
-            if cuts[0] > 0:
+            if cuts[0] > 0 and src != seq:
                 ctx.copy(src, seq, cuts[0])
-            known.setdefault(state.heads[p * rows], seq)
+            else:
+                ctx.keep(seq, cuts[0])
             for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
                 n = hi - lo
                 b.token[:n], b.pos[:n] = ids[lo:hi], np.arange(lo, hi)
@@ -158,6 +161,8 @@ class LlamaCppLM(GGUFModel):
                 b.logits[n - 1] = hi == ids.size
                 self._decode(ctx, n)
                 ctx.wrote(np.array([seq]), n)
+            ctx.evaluated(seq, head)
+            known.append((head, seq))
             ptr = self.ll.llama_get_logits(ctx.ctx)
             last[p] = np.ctypeslib.as_array(ptr, shape=(1, self.vocab_size))[0]
         for p, src in enumerate(first.tolist()):
@@ -173,20 +178,24 @@ class LlamaCppLM(GGUFModel):
         the batch: `runtime.scheduler`); returns the new rows' next-token logprobs. The caller
         checks `fits` first (`budget` is not used here)."""
         ctx, ids, k = state.seqs.ctx, state.seqs.ids, len(prompts) * rows
-        near = None  # ids right after the state's range, else right before it
+        near = None  # the free ids between the state's rows, then after them, then before
         if ids.size:
             lo, hi = int(ids.min()), int(ids.max()) + 1
             after = np.arange(hi, min(hi + k, ctx.streams))
-            near = after if after.size == k and not ctx.used[after].any() else np.arange(
-                max(lo - k, 0), lo)
+            near = np.concatenate([
+                np.setdiff1d(np.arange(lo, hi), ids),
+                after if after.size == k and not ctx.used[after].any() else np.arange(
+                    lo - 1, max(lo - k, 0) - 1, -1)])
+            if near.size >= k:
+                heads = [tuple(int(i) for i in p) for p in prompts]
+                near = placement(near, heads, rows, ctx.heads)
         new = LlamaState.empty(Seqs(ctx, ctx.take(k, near)), prompts, rows)
-        logp = self._prompts(ctx, new, prompts, rows, state)
+        logp = self._prompts(ctx, new, prompts, rows)
         state.seqs.ids = np.concatenate([state.seqs.ids, new.seqs.ids])
         state.pos = np.concatenate([state.pos, new.pos])
         state.prompt_len = np.concatenate([state.prompt_len, new.prompt_len])
-        state.heads = state.heads + new.heads
         new.seqs.ids = new.seqs.ids[:0]  # now held by `state`
-        self._compact(state)
+        self._compact(state, keep_cached=True)
         return logp
 
     def fits(self, state: LlamaState, rows: int, length: int) -> bool:
@@ -203,29 +212,33 @@ class LlamaCppLM(GGUFModel):
         them (the caller then records the write: `_fed`). Returns each row's place in the
         decode (None: row k at place k).
 
-        The rows go in the order of their sequence ids (one micro-batch: `Context`). A lone
-        row gets a dummy second one, in a free stream beside its own and dropped after: the
-        matmuls of a one-token decode take llama.cpp's vector kernel, whose rounding differs
-        from the batched kernel, which gives every row of any larger decode the same bits
-        whatever else the decode holds (measured). So a row's log-probs, and a seeded
-        system's answer, do not depend on what shares its batch (tested)."""
+        The rows go in the order of their sequence ids, which are consecutive (one
+        micro-batch: `Context`): free ids left between them by finished rows whose prompts
+        are cached (`_compact`), and for a lone row a free id beside it, get a dummy row each,
+        whose cell is dropped after. Why the lone row's: the matmuls of a one-token decode
+        take llama.cpp's vector kernel, whose rounding differs from the batched kernel, which
+        gives every row of any larger decode the same bits whatever else the decode holds
+        (measured). So a row's log-probs, and a seeded system's answer, do not depend on
+        what shares its batch (tested)."""
+        self._compact(state, keep_cached=True)
         n, b, ids, ctx = state.rows, self._batch, state.seqs.ids, state.seqs.ctx
-        if n == 1 and (pad := ctx.free_beside(int(ids[0]))) is not None:
-            row = int(pad < ids[0])
-            b.token[:2], b.pos[:2], b.seq[:2] = tokens[0], 0, pad
-            b.pos[row], b.seq[row] = state.pos[0], ids[0]
-            b.n_seq[:2], b.logits[:2] = 1, 1
-            try:
-                self._decode(ctx, 2)
-            finally:
-                self.ll.llama_memory_seq_rm(ctx.mem, pad, -1, -1)
-            return np.array([row])
         order = None if n < 2 or bool((ids[1:] > ids[:-1]).all()) else np.argsort(ids)
+        pads = ctx.pads(ids if order is None else ids[order])
+        if pads.size:
+            tokens = np.concatenate([tokens, np.full(pads.size, tokens[0])])
+            ids = np.concatenate([ids, pads])
+            order = np.argsort(ids)
         r = slice(None) if order is None else order
-        b.token[:n], b.pos[:n], b.seq[:n] = tokens[r], state.pos[r], ids[r]
-        b.n_seq[:n], b.logits[:n] = 1, 1
-        self._decode(ctx, n)
-        return None if order is None else np.argsort(order)
+        m = ids.size
+        b.token[:m], b.seq[:m] = tokens[r], ids[r]
+        b.pos[:m] = np.concatenate([state.pos, ctx.length[pads]])[r]
+        b.n_seq[:m], b.logits[:m] = 1, 1
+        try:
+            self._decode(ctx, m)
+        finally:
+            for h in pads.tolist():
+                self.ll.llama_memory_seq_rm(ctx.mem, h, int(ctx.length[h]), -1)
+        return None if order is None else np.argsort(order)[:n]
 
     def _fed(self, state: LlamaState) -> None:
         state.seqs.ctx.wrote(state.seqs.ids)
@@ -236,14 +249,16 @@ class LlamaCppLM(GGUFModel):
         self._fed(state)
         return self._logprobs(state.seqs.ctx, state.rows, places)
 
-    def _compact(self, state: LlamaState) -> None:
+    def _compact(self, state: LlamaState, *, keep_cached: bool = False) -> None:
         """Make the state's sequence ids one contiguous range (see `Context`): the rows
         outside the window of that size holding most of them move into its free ids (a
-        stream copy each)."""
+        stream copy each). With `keep_cached`, free ids between the rows that all hold
+        cached prompts stay (a finished request's, which its program's next request is
+        likely to continue: `_feed` pads them)."""
         ctx, ids = state.seqs.ctx, state.seqs.ids
         n = ids.size
         srt = np.sort(ids)
-        if n == 0 or srt[-1] - srt[0] == n - 1:
+        if n == 0 or srt[-1] - srt[0] == n - 1 or (keep_cached and ctx.holes_cached(srt)):
             return
         starts = np.clip(srt, 0, ctx.streams - n)
         inside = np.searchsorted(srt, starts + n) - np.searchsorted(srt, starts)
@@ -273,8 +288,6 @@ class LlamaCppLM(GGUFModel):
         new[repeat] = fresh
         state.seqs.ids = new
         state.pos, state.prompt_len = state.pos[idx], state.prompt_len[idx]
-        state.heads = [state.heads[i] for i in idx.tolist()]
-        self._compact(state)
 
     def sample_native(self, state: LlamaState, tokens: torch.Tensor, steps: int,
                       temperature: float, seed: int) -> np.ndarray:

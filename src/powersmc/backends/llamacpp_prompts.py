@@ -1,8 +1,10 @@
 """Where a prompt's tokens go in llama.cpp's decodes (`LlamaCppLM._prompts`): the bounds of
-the decodes that evaluate it (`chunk_bounds`) and the longest prefix another row already
-holds (`shared_prefix`)."""
+the decodes that evaluate it (`chunk_bounds`), the longest prefix another row already holds
+(`shared_prefix`) and which free sequence each joining prompt takes (`placement`)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -25,11 +27,12 @@ def chunk_bounds(shared: int, size: int) -> list[int]:
     return [start, *inner, size]
 
 
-def shared_prefix(known: dict[tuple[int, ...], int], prompt: tuple[int, ...]) -> tuple[int, int]:
-    """The longest prefix of `prompt`, all but its last token, that a known sequence holds:
-    (its length, that sequence); (0, -1) if none."""
+def shared_prefix(known: Iterable[tuple[tuple[int, ...], int]],
+                  prompt: tuple[int, ...]) -> tuple[int, int]:
+    """The longest prefix of `prompt`, all but its last token, that a known (prompt,
+    sequence) holds: (its length, that sequence); (0, -1) if none."""
     best, src = 0, -1
-    for head, seq in known.items():
+    for head, seq in known:
         n = min(len(head), len(prompt) - 1)
         if n <= best:
             continue
@@ -39,3 +42,21 @@ def shared_prefix(known: dict[tuple[int, ...], int], prompt: tuple[int, ...]) ->
         if k > best:
             best, src = k, seq
     return best, src
+
+
+def placement(near: np.ndarray, prompts: list[tuple[int, ...]], rows: int,
+              cached: dict[int, tuple[int, ...]]) -> np.ndarray:
+    """The sequence ids, in row order, for `rows` rows of each prompt, taken from the free
+    ids `near` (in their order): each prompt's first row takes the id of `near` whose cached
+    prompt shares the longest prefix with it (the prompt then continues those cells where
+    they are), other rows the next ids left."""
+    left = [int(i) for i in near]
+    out: list[int] = []
+    for prompt in prompts:
+        own = [(cached[i], i) for i in left if i in cached]
+        shared, seq = shared_prefix(own, prompt)
+        first = seq if shared > 0 else left[0]
+        left.remove(first)
+        out += [first, *left[: rows - 1]]
+        del left[: rows - 1]
+    return np.array(out, dtype=np.int64)
