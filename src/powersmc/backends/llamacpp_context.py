@@ -72,12 +72,15 @@ class Context:
 
     Prompt cache: `heads[s]` is the prompt whose cells sequence s holds at positions
     0..len-1, evaluated as a prompt (`LlamaCppLM._prompts`) or copied from one that was. A
-    released sequence keeps its cells and head while its stream is free, and free streams
-    holding a head are taken last, oldest first (`take`). So a request whose prompt starts as
-    a finished one's (an MH chain's next proposal: the prompt and the kept prefix) copies
-    that prefix instead of evaluating it again, even when no live row holds it. Only prompt
-    cells are shared, never generated ones: a prompt cell's bits do not depend on which
-    decode wrote it (`llamacpp_prompts.chunk_bounds`), so sharing changes no result.
+    released sequence keeps its prompt's cells (not its generated ones) while its stream is
+    free, and free streams holding a prompt are taken last, oldest first (`take`). So a
+    request whose prompt starts as a finished one's (an MH chain's next proposal: the prompt
+    and the kept prefix) continues those cells instead of evaluating them again, even when no
+    live row holds them: in place when it joins the running state whose row just finished
+    (`llamacpp_prompts.placement`; until then the rows stay around that free stream, which
+    `LlamaCppLM._feed` pads), else by a copy. Only prompt cells are shared, never generated
+    ones: a prompt cell's bits do not depend on which decode wrote it
+    (`llamacpp_prompts.chunk_bounds`), so sharing changes no result.
     """
 
     def __init__(self, ll, model, streams: int, cells: int, threads: int,
