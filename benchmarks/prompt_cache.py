@@ -31,25 +31,16 @@ KNOBS = {"mh": dict(mh_moves=14), "ecmh": dict(mh_moves=18), "ppt": dict(mh_move
 
 def run(lm, method: str, prompts: list[str], cache: bool) -> dict:
     lm.prompt_cache, lm._ctx = cache, None  # a fresh context with the setting
-    tokens, decode = [0], lm._decode
-
-    def counting(ctx, n):
-        tokens[0] += n
-        decode(ctx, n)
-
-    lm._decode = counting
-    try:
-        sched = Scheduler(lm)
-        start = time.perf_counter()
-        handles = [sched.start(method_program(method, lm, p, seed=k, **SETTINGS,
-                                              **KNOBS.get(method, {})))
-                   for k, p in enumerate(prompts)]
-        sched.run()
-        seconds = time.perf_counter() - start
-        sched.close()
-    finally:
-        del lm._decode
-    return {"seconds": seconds, "tokens_evaluated": tokens[0],
+    before = lm.tokens_decoded
+    sched = Scheduler(lm)
+    start = time.perf_counter()
+    handles = [sched.start(method_program(method, lm, p, seed=k, **SETTINGS,
+                                          **KNOBS.get(method, {})))
+               for k, p in enumerate(prompts)]
+    sched.run()
+    seconds = time.perf_counter() - start
+    sched.close()
+    return {"seconds": seconds, "tokens_evaluated": lm.tokens_decoded - before,
             "answers": [h.result().token_ids for h in handles]}
 
 

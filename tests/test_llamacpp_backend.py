@@ -110,21 +110,13 @@ def test_a_joining_prompt_shares_a_live_rows_prefix_and_matches_recompute(llama_
     logp = sample_steps(lm, state, logp, seqs, 3, torch.Generator().manual_seed(1))
     kept = list(prompt) + [seqs[0][len(prompt)], 7, 9]  # a live row's prompt, then new tokens
     other = lm.encode_prompt("Hi.")
-    evaluated, decode = [0], lm._decode
-
-    def counting(ctx, n):
-        evaluated[0] += n
-        decode(ctx, n)
-
-    lm._decode = counting
-    try:
-        new = lm.extend(state, [kept, other], 1)
-    finally:
-        del lm._decode
+    before = lm.tokens_decoded
+    new = lm.extend(state, [kept, other], 1)
+    evaluated = lm.tokens_decoded - before
     common = next(i for i, (a, b) in enumerate(zip(other, prompt, strict=False)) if a != b)
     assert common > 0  # the chat template's system prompt
     # the shared prompt was not evaluated again; of the other, only what differs
-    assert evaluated[0] == 3 + len(other) - common
+    assert evaluated == 3 + len(other) - common
     assert torch.allclose(new, _from_scratch(lm, [kept, other]), atol=ATOL)
     seqs += [kept, list(other)]
     step = lm.step(state, torch.tensor([11, 12, 13, 14]))
@@ -145,18 +137,9 @@ def test_a_finished_rows_prompt_is_shared_and_changes_no_bit(llama_lm):
     assert len(base) > 2 * PROMPT_CHUNK
 
     def evaluate(prompt):
-        evaluated, decode = [0], lm._decode
-
-        def counting(ctx, n):
-            evaluated[0] += n
-            decode(ctx, n)
-
-        lm._decode = counting
-        try:
-            state, logp = lm.prefill(prompt, 1, budget=8)
-        finally:
-            del lm._decode
-        return state, logp, evaluated[0]
+        before = lm.tokens_decoded
+        state, logp = lm.prefill(prompt, 1, budget=8)
+        return state, logp, lm.tokens_decoded - before
 
     lm._ctx = None
     state, _, n = evaluate(first)
@@ -190,20 +173,11 @@ def test_a_finished_row_between_others_is_continued_in_place(llama_lm):
     assert middle in state.seqs.ctx.heads and middle not in state.seqs.ids
     kept = [prompts[0] + [11], prompts[2] + [12]]
     assert torch.allclose(step, _from_scratch(lm, kept), atol=ATOL)
-    evaluated, decode = [0], lm._decode
-
-    def counting(ctx, n):
-        evaluated[0] += n
-        decode(ctx, n)
-
-    lm._decode = counting
     second = base + [28, 17, 9, 13]
-    try:
-        new = lm.extend(state, [second], 1)
-    finally:
-        del lm._decode
+    before = lm.tokens_decoded
+    new = lm.extend(state, [second], 1)
     assert int(state.seqs.ids[-1]) == middle
-    assert evaluated[0] == len(second) - chunk_bounds(len(base) + 2, len(second))[0]
+    assert lm.tokens_decoded - before == len(second) - chunk_bounds(len(base) + 2, len(second))[0]
     assert torch.allclose(new, _from_scratch(lm, [second]), atol=ATOL)
     step = lm.step(state, torch.tensor([3, 4, 5]))
     seqs = [kept[0] + [3], kept[1] + [4], second + [5]]

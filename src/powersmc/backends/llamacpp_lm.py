@@ -58,6 +58,7 @@ class LlamaCppLM(GGUFModel):
                  prompt_cache: bool = True, **model: Any) -> None:
         super().__init__(path, **model)
         self.n_ctx, self.prompt_cache = n_ctx, prompt_cache
+        self.tokens_decoded = 0  # every token llama.cpp has evaluated (prompts, steps, pads)
         self.max_rows: int | None = MAX_SEQUENCES  # a stream per row
         self.joins_running = True
         self._ctx: Context | None = None
@@ -86,6 +87,7 @@ class LlamaCppLM(GGUFModel):
 
     def _decode(self, ctx: Context, n: int) -> None:
         self._batch.batch.n_tokens = n
+        self.tokens_decoded += n
         rc = self.ll.llama_decode(ctx.ctx, self._batch.batch)
         if rc == 1:
             raise RuntimeError(
