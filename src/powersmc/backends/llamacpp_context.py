@@ -181,7 +181,8 @@ class Context:
         sequence holds keeps its prompt's cells (the rest are removed) for later prompts; the
         others are cleared."""
         gone = list(dict.fromkeys(int(s) for s in seqs))
-        held = {id(h) for s, h in self.heads.items() if s not in set(gone)}
+        leaving = set(gone)
+        held = {id(h) for s, h in self.heads.items() if s not in leaving}
         for s in gone:
             self.used[s] = False
             head = self.heads.get(s)
@@ -192,9 +193,7 @@ class Context:
                 self.ll.llama_memory_seq_rm(self.mem, s, len(head), -1)
                 self.length[s] = len(head)
             else:
-                self.ll.llama_memory_seq_rm(self.mem, s, -1, -1)
-                self.heads.pop(s, None)
-                self.length[s] = 0
+                self.keep(s, 0)
 
     def donors(self, exclude: np.ndarray) -> list[tuple[tuple[int, ...], int]]:
         """(prompt, sequence) for each distinct cached prompt, live or free, except in the
